@@ -1,0 +1,5 @@
+"""Shared test setup: fast, deterministic, CPU-only."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
