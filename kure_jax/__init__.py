@@ -1,6 +1,6 @@
 """kure-jax: quantization-robust training with KURE, and one-call robustness sweeps."""
 
-from kure_jax import quant
+from kure_jax import quant, theory
 from kure_jax.kurtosis import (
     KURTOSIS_GAUSSIAN,
     KURTOSIS_LAPLACE,

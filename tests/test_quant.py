@@ -262,3 +262,25 @@ class StepPickerTest(chex.TestCase):
       batched = jax.vmap(lambda b: fn(x, b, axis=-1))(bits)
       self.assertEqual(batched.shape, (7, 8), name)
       np.testing.assert_allclose(batched[2], fn(x, 4, axis=-1), rtol=1e-6, err_msg=name)
+
+
+class MseStepVsTheoryTest(parameterized.TestCase):
+
+  @parameterized.parameters(2, 3, 4, 6)
+  def test_gaussian_clipping_value(self, bits):
+    """mse_step on N(0,1) samples ↔ the closed-form optimum ↔ a Monte Carlo argmin."""
+    from kure_jax import theory
+    x = np.random.default_rng(11).normal(size=1_000_000).astype(np.float32)
+    half = 2 ** (bits - 1)
+    clip_picker = half * float(quant.mse_step(x, bits, "midrise"))
+    clip_theory = half * float(theory.gaussian_optimal_step(1.0, bits))
+    # Monte Carlo: a fresh sample, dense scan of the clipping value around the optimum
+    y = np.random.default_rng(12).normal(size=400_000)
+    cands = np.linspace(0.8, 1.2, 161) * clip_theory
+    errs = [np.mean((np_quantize(y, c / half, bits, "midrise") - y) ** 2) for c in cands]
+    clip_mc = cands[int(np.argmin(errs))]
+    self.assertAlmostEqual(clip_picker / clip_theory, 1.0, delta=0.01)
+    self.assertAlmostEqual(clip_mc / clip_theory, 1.0, delta=0.01)
+    # the MSE the picker reaches is the closed-form optimum's
+    mse_at_pick = np_err(x, clip_picker / half, bits, "midrise")
+    self.assertAlmostEqual(mse_at_pick / float(theory.gaussian_mse(1.0, bits, clip_theory / half)), 1.0, delta=0.01)
