@@ -32,7 +32,7 @@ from kure_jax.kurtosis import kernel_leaves
 QUANT = "quant"
 INTERMEDIATES = "intermediates"
 
-default_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # He / torchvision
+default_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # untruncated, as torchvision kaiming_normal_
 
 
 def _maybe_quantize(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -> jax.Array:

@@ -1,0 +1,98 @@
+"""The model zoo: ResNet-20 (CIFAR), ResNet-18/50 and MobileNet-V2 (torchvision's), all quant-hooked.
+
+Every model is a Flax linen module with ``num_classes``, ``weight_grid`` and ``dtype``
+attributes, called as ``model.apply(variables, x, train=...)`` on NHWC float images;
+in training mode pass ``mutable=['batch_stats']`` (and a 'dropout' rng for MobileNet-V2).
+Every conv and dense layer is a `QConv` / `QDense`, so a 'quant' collection built with
+`quant_collection` quantizes them at apply time without retracing per bit-width.
+
+Names mirror torchvision's state dicts (see `torch_module_path`), so a converter maps a
+key by that rule plus the leaf names: conv/linear 'weight' -> 'kernel' (transposed
+OIHW -> HWIO, (out, in) -> (in, out)), BN 'weight' -> 'scale', 'bias' -> 'bias',
+'running_mean' / 'running_var' -> 'batch_stats' 'mean' / 'var'; 'num_batches_tracked'
+has no counterpart.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kure_jax.models.layers import QConv, QDense, quant_collection
+from kure_jax.models.mobilenet import MobileNetV2
+from kure_jax.models.resnet import CifarResNet, ResNet, ResNet18, ResNet50
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": CifarResNet,
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
+    "mobilenet_v2": MobileNetV2,
+}
+
+
+def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+  """The model registered as `name`, e.g. ``get_model('resnet18', 1000, dtype=jnp.bfloat16)``."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+  return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def param_count(params: Any) -> int:
+  """Number of scalars in a pytree of arrays (or of `jax.ShapeDtypeStruct`s from eval_shape)."""
+  return sum(math.prod(getattr(x, "shape", jnp.shape(x))) for x in jax.tree_util.tree_leaves(params))
+
+
+def init_variables(model: nn.Module, rng: jax.Array | int, image_shape: Sequence[int]) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of `model`, initialised by one jitted call on a batch of one image.
+
+  image_shape: (height, width, channels). Jitting the init compiles the network once
+  instead of dispatching (and compiling) every initializer and layer op by op. On CPU
+  the compile (dominated by the random initializers) runs with XLA's backend
+  optimizations off: 4x faster for a function that runs once; the values agree with
+  ``model.init`` to float32 rounding (~1e-7 relative), not bit for bit.
+  """
+  if len(image_shape) != 3:
+    raise ValueError(f"init_variables: image_shape must be (height, width, channels), got {tuple(image_shape)}.")
+  if isinstance(rng, int):
+    rng = jax.random.key(rng)
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  variables = jax.jit(functools.partial(model.init, train=False), compiler_options=options)(rng, x)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+_INDEXED = re.compile(r"(^|\.)([A-Za-z_]\w*)\.(\d+)(?=\.|$)")
+
+
+def torch_module_path(name: str) -> str:
+  """The Flax module path of a torchvision module name (a state-dict key minus its leaf).
+
+  Rule: a '.' joining a name to an index becomes '_', every other '.' becomes '/':
+  'layer2.0.downsample.0' -> 'layer2_0/downsample_0', 'features.2.conv.1.0' ->
+  'features_2/conv_1/0', 'classifier.1' -> 'classifier_1', 'conv1' -> 'conv1'.
+  """
+  return _INDEXED.sub(r"\1\2_\3", name).replace(".", "/")
+
+
+__all__ = [
+    "MODELS",
+    "CifarResNet",
+    "MobileNetV2",
+    "QConv",
+    "QDense",
+    "ResNet",
+    "ResNet18",
+    "ResNet50",
+    "get_model",
+    "init_variables",
+    "param_count",
+    "quant_collection",
+    "torch_module_path",
+]
