@@ -33,9 +33,14 @@ torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 
 
 def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-  """BatchNorm with torch's defaults (momentum 0.1, eps 1e-5); batch stats only when training."""
+  """BatchNorm with torch's defaults (momentum 0.1, eps 1e-5); batch stats only when training.
+
+  The variance is two-pass, E[(x − E[x])²], as in torch: Flax's default E[x²] − E[x]²
+  cancels catastrophically for channels whose mean dwarfs their spread, which made
+  gradients depend on summation order (1 vs 4 devices differed by 0.5% after one step).
+  """
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, name=name)
+                      use_fast_variance=False, dtype=dtype, name=name)
 
 
 def torch_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
