@@ -1,0 +1,58 @@
+"""Defaults shared by every config; each config file starts from these and changes a few.
+
+Every field can be overridden on the command line, e.g. ``--config.kure.weight=0``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "resnet20"
+  c.model_kwargs = ml_collections.ConfigDict()
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "cifar10"          # a TFDS name, or "folder" for split/class/image.jpg folders (or their tarballs)
+  c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the folder holding the splits
+  c.dataset.image_size = 32
+  c.dataset.num_classes = 10
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.cache = True              # small datasets: decoded in memory + a disk copy in ~/.cache/kure_jax
+                                      # (a path: the disk copy goes there; False: memory only)
+
+  c.batch_size = 128                  # global, over all devices and hosts
+  c.eval_batch_size = 500
+  c.num_epochs = 1
+  c.max_steps = config_dict.placeholder(int)  # optional cap on the number of steps
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 1e-4
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"          # cosine | step | constant
+  c.schedule.learning_rate = 0.1
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.decay_epochs = 30        # step: multiply by decay_factor every decay_epochs
+  c.schedule.decay_factor = 0.1
+
+  c.kure = ml_collections.ConfigDict()
+  c.kure.weight = 0.0                 # λ; 0 turns KURE off
+  c.kure.target = 1.8                 # K_T: the kurtosis of a uniform distribution
+  c.kure.include = ""                 # regex over kernel paths; "" selects every conv/dense kernel
+  c.kure.exclude = ""                 # regex removing kernels after include
+  c.kure.skip_stem = True             # the first layer and the classifier stay unregularized,
+  c.kure.skip_head = True             # as in the paper (and stay in float when quantizing)
+  c.kure.reduction = "mean"           # mean | sum | max over the selected layers
+
+  c.init_from = ""                    # a workdir to fine-tune from (params and batch statistics)
+  c.seed = 0
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
+  c.progress = True
+  return c

@@ -1,0 +1,55 @@
+"""Data parallelism over every device with `jax.sharding`: one mesh axis, 'data'.
+
+The global batch is sharded along its first axis, parameters and optimizer state are
+replicated. Under `jit`, XLA's SPMD partitioner inserts the cross-device reductions,
+so the loss, the gradients and the BatchNorm statistics are those of the global
+batch: N devices compute what one device would (up to float summation order).
+Multi-host: call ``jax.distributed.initialize()`` first; each host feeds its own
+slice of the global batch and `shard_batch` assembles the global array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh(devices: Any = None) -> Mesh:
+  """A 1-d mesh over all (or the given) devices."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Place a pytree on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Turn this host's slice of the global batch into globally sharded arrays."""
+  sharding = batch_sharded(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+  """A global batch must split evenly over the devices (and the hosts)."""
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(f"{what}={batch_size} is not divisible by the {n} devices; "
+                     f"use a multiple of {n} (e.g. --config.{what}={max(n, batch_size // n * n)}).")

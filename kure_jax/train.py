@@ -1,0 +1,360 @@
+"""Training: cross-entropy + λ·KURE, one jitted step, data parallel over all devices.
+
+``train_and_evaluate(config, workdir)`` is the whole program behind ``train.py``; it
+resumes automatically from the newest checkpoint in `workdir`, so a killed run that
+is restarted ends bit-identical to an uninterrupted one (on CPU): the state holds
+params, batch statistics, optimizer state and step, the data order and augmentation
+are functions of (seed, step), and the dropout key is ``fold_in(seed, step)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from kure_jax import data as data_lib
+from kure_jax import models as models_lib
+from kure_jax import sharding
+from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
+from kure_jax.errors import UserError
+from kure_jax.kurtosis import REDUCTIONS, kure_penalty, kurtosis_by_layer
+from kure_jax.metrics import MetricWriter
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+State = dict[str, Any]  # {"step", "params", "batch_stats", "opt_state"}
+
+
+# ----------------------------------------------------------------------------------
+# Config checks: one readable line before anything compiles.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raise UserError for a config value that cannot work."""
+
+  def bad(field, msg):
+    raise UserError(f"config.{field} {msg}")
+
+  if config.model not in models_lib.MODELS:
+    bad("model", f"is {config.model!r}; choose one of {', '.join(sorted(models_lib.MODELS))}.")
+  if config.batch_size <= 0:
+    bad("batch_size", f"must be > 0, got {config.batch_size}.")
+  if config.get("eval_batch_size", 1) <= 0:
+    bad("eval_batch_size", f"must be > 0, got {config.eval_batch_size}.")
+  if config.num_epochs <= 0:
+    bad("num_epochs", f"must be > 0, got {config.num_epochs}.")
+  if config.get("max_steps") is not None and config.max_steps <= 0:
+    bad("max_steps", f"must be > 0 (or unset for no cap), got {config.max_steps}.")
+  if config.optimizer.name not in OPTIMIZERS:
+    bad("optimizer.name", f"is {config.optimizer.name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+  if config.optimizer.weight_decay < 0:
+    bad("optimizer.weight_decay", f"must be ≥ 0, got {config.optimizer.weight_decay}.")
+  if not config.schedule.learning_rate > 0:
+    bad("schedule.learning_rate", f"must be > 0, got {config.schedule.learning_rate}.")
+  if config.schedule.name not in SCHEDULES:
+    bad("schedule.name", f"is {config.schedule.name!r}; choose one of {', '.join(SCHEDULES)}.")
+  k = config.kure
+  if k.weight < 0:
+    bad("kure.weight", f"must be ≥ 0 (λ = 0 turns KURE off), got {k.weight}.")
+  if not k.target >= 1.0:
+    bad("kure.target", f"must be ≥ 1 (no distribution has kurtosis below 1; uniform is 1.8), got {k.target}.")
+  if k.reduction not in REDUCTIONS:
+    bad("kure.reduction", f"is {k.reduction!r}; choose one of {', '.join(REDUCTIONS)}.")
+  for field in ("include", "exclude"):
+    try:
+      re.compile(k[field])
+    except re.error as e:
+      bad(f"kure.{field}", f"is not a valid regex ({e}).")
+  for field in ("checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
+    if config[field] <= 0:
+      bad(field, f"must be > 0, got {config[field]}.")
+
+
+def kure_selection(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The kernel-selection keywords of `select_kernels` from ``config.kure``."""
+  k = config.kure
+  return {"include": k.include or None, "exclude": k.exclude or None,
+          "skip_stem": k.skip_stem, "skip_head": k.skip_head}
+
+
+# ----------------------------------------------------------------------------------
+# Optimizer, state, steps.
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  s = config.schedule
+  warmup = int(s.get("warmup_epochs", 0) * steps_per_epoch)
+  if s.name == "cosine":
+    main = optax.cosine_decay_schedule(s.learning_rate, max(total_steps - warmup, 1))
+  elif s.name == "step":  # ×decay_factor every decay_epochs, as the paper's ImageNet recipe
+    every = int(s.decay_epochs * steps_per_epoch)
+    main = optax.piecewise_constant_schedule(
+        s.learning_rate, {every * i: s.decay_factor for i in range(1, total_steps // max(every, 1) + 1)})
+  else:
+    main = optax.constant_schedule(s.learning_rate)
+  if not warmup:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, s.learning_rate, warmup), main], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with PyTorch-style coupled weight decay (grad += wd·w before momentum), or Adam(W)."""
+  o = config.optimizer
+  if o.name == "sgd":
+    return optax.chain(optax.add_decayed_weights(o.weight_decay),
+                       optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
+  if o.name == "adam":
+    return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(schedule))
+  return optax.adamw(schedule, weight_decay=o.weight_decay)
+
+
+def create_state(model, tx: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, ...]) -> State:
+  variables = models_lib.init_variables(model, rng, image_shape)
+  params = variables["params"]
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params)}
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean cross-entropy over the examples where mask is True."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  w = mask.astype(jnp.float32)
+  return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    schedule: optax.Schedule) -> Callable[[State, dict], tuple[State, dict]]:
+  """(state, batch) → (state, metrics): CE + λ·KURE, one optimizer update."""
+  lam = float(config.kure.weight)
+  target = float(config.kure.target)
+  selection = kure_selection(config)
+  reduction = config.kure.reduction
+  base_key = jax.random.PRNGKey(config.seed)
+
+  def step_fn(state: State, batch: dict) -> tuple[State, dict]:
+    dropout_key = jax.random.fold_in(base_key, state["step"])
+
+    def loss_fn(params):
+      logits, updates = model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch["image"],
+                                    train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+      ce = cross_entropy(logits, batch["label"], batch["mask"])
+      penalty = kure_penalty(params, target, reduction=reduction, **selection) if lam > 0 else jnp.zeros(())
+      return ce + lam * penalty, (ce, penalty, logits, updates["batch_stats"])
+
+    (loss, (ce, penalty, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
+    metrics = {"loss": loss, "ce": ce, "kure": penalty,
+               "accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
+               "learning_rate": schedule(state["step"])}
+    new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_eval_step(model) -> Callable[[dict, dict], dict]:
+  """(variables, batch) → sums of correct top-1/top-5, loss and count over unmasked examples."""
+
+  def eval_fn(variables: dict, batch: dict) -> dict:
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    return classification_sums(logits, batch["label"], batch["mask"])
+
+  return eval_fn
+
+
+def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  w = mask.astype(jnp.float32)
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {"top1": jnp.sum((top5[:, 0] == labels) * w), "top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) * w),
+          "loss": jnp.sum(ce * w), "count": jnp.sum(w)}
+
+
+def evaluate(eval_fn: Callable, variables: dict, dataset, mesh, progress: bool = False) -> dict[str, float]:
+  """Top-1/top-5 (%) and mean loss over a padded+masked pass; sums stay on device."""
+  totals = None
+  for batch in _progress(dataset.iterate(), total=dataset.steps_per_epoch, desc="eval", enabled=progress):
+    sums = eval_fn(variables, sharding.shard_batch(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    del sums
+  t = jax.device_get(totals)
+  n = max(float(t["count"]), 1.0)
+  return {"top1": 100 * float(t["top1"]) / n, "top5": 100 * float(t["top5"]) / n,
+          "loss": float(t["loss"]) / n, "count": int(t["count"])}
+
+
+def _progress(it, total, desc, enabled):
+  if not enabled:
+    return it
+  from tqdm.auto import tqdm
+  return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------
+# The program.
+
+
+def _meta(config, params) -> dict[str, Any]:
+  return {"model": config.model, "num_classes": int(config.dataset.num_classes),
+          "image_size": int(config.dataset.image_size), "param_shapes": param_shapes(params)}
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """After a resume, drop records logged past the restored step (they will be redone)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+class _Stop:
+  """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train `config.model` on `config.dataset`, evaluating every epoch; returns final metrics."""
+  validate_config(config)
+  mesh = sharding.make_mesh()
+  try:
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  try:
+    train_ds = data_lib.make_dataset(config.dataset, "train", batch_size=config.batch_size, train=True,
+                                     seed=config.seed)
+    eval_ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False,
+                                    seed=config.seed)
+  except (ValueError, FileNotFoundError) as e:  # missing or malformed data: the user's to fix
+    raise UserError(str(e)) from e
+  steps_per_epoch = train_ds.steps_per_epoch
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  if config.get("max_steps"):
+    total_steps = min(total_steps, int(config.max_steps))
+
+  model = models_lib.get_model(config.model, config.dataset.num_classes, **dict(config.get("model_kwargs", {})))
+  schedule = make_schedule(config, steps_per_epoch, total_steps)
+  tx = make_optimizer(config, schedule)
+  image_shape = (config.dataset.image_size, config.dataset.image_size, 3)
+  state = create_state(model, tx, jax.random.PRNGKey(config.seed), image_shape)
+  meta = _meta(config, state["params"])
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  state = sharding.replicate(state, mesh)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state, meta)
+    _truncate_metrics(workdir, int(state["step"]))
+  elif config.get("init_from"):
+    state = sharding.replicate(_init_from(config, state, meta), mesh)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config, schedule), in_shardings=(rep, bat),
+                       out_shardings=(rep, rep), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(rep, bat), out_shardings=rep)
+  kurt_fn = jax.jit(lambda p: kurtosis_by_layer(p, **kure_selection(config)))
+  writer = MetricWriter(workdir)
+  progress = config.get("progress", True) and jax.process_index() == 0
+
+  start = int(state["step"])
+  step = start
+  pending: list[dict] = []
+  last = {"time": time.perf_counter(), "step": start}
+  eval_metrics: dict[str, Any] = {}
+  bar = _progress(range(start, total_steps), total=total_steps, desc="train", enabled=progress)
+  if progress:
+    bar.update(start)
+  batches: Iterator = train_ds.iterate(start_step=start)
+  with _Stop() as stop:
+    for step in range(start, total_steps):
+      if stop.requested:
+        break
+      batch = sharding.shard_batch(next(batches), mesh)
+      state, m = train_step(state, batch)
+      pending.append(m)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        host = jax.device_get(pending)
+        pending = []
+        now = time.perf_counter()
+        rate = (done - last["step"]) * config.batch_size / max(now - last["time"], 1e-9)
+        last = {"time": now, "step": done}
+        row = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+        row["images_per_s"] = rate
+        writer.write(done, "train", row)
+        if progress:
+          bar.set_postfix(loss=f"{row['loss']:.3f}", kure=f"{row['kure']:.3f}", img_s=f"{rate:.0f}")
+      if progress:
+        bar.update(1)
+      if done % config.checkpoint_every_steps == 0 and done != total_steps:
+        ckpt.save(done, state, meta)
+      if done % steps_per_epoch == 0 or done == total_steps:
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        eval_metrics = evaluate(eval_step, variables, eval_ds, mesh)
+        kurt = {k.removesuffix("/kernel"): float(v) for k, v in jax.device_get(kurt_fn(state["params"])).items()}
+        eval_metrics["kurtosis_mean"] = float(np.mean(list(kurt.values())))
+        writer.write(done, "eval", {**eval_metrics, "epoch": done / steps_per_epoch, "kurtosis": kurt})
+        writer.flush()
+    final_step = int(jax.device_get(state["step"]))
+    if final_step > start:
+      ckpt.save(final_step, state, meta)
+    ckpt.close()
+  if progress:
+    bar.close()
+  writer.close()
+  return {"step": final_step, "interrupted": final_step < total_steps, **eval_metrics}
+
+
+def _init_from(config: ml_collections.ConfigDict, state: State, meta: dict[str, Any]) -> State:
+  """Replace params/batch statistics with those of another checkpoint (fine-tuning)."""
+  path = config.init_from
+  if path.startswith("torchvision:"):
+    raise UserError("init_from='torchvision:...' needs the torchvision converter (not available yet).")
+  variables, src_meta = load_variables(path)
+  check_meta(src_meta, {"model": meta["model"], "num_classes": meta["num_classes"],
+                        "param_shapes": meta["param_shapes"]}, f"init_from={path}")
+  params = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), state["params"], variables["params"])
+  stats = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), state["batch_stats"], variables["batch_stats"])
+  return {**state, "params": params, "batch_stats": stats}
