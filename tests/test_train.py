@@ -237,3 +237,22 @@ def test_real_cifar10_kure_moves_kurtosis_and_loss_falls(tmp_path):
   assert rows[-1]["kure"] < 0.5 * rows[0]["kure"], rows
   assert abs(result["kurtosis_mean"] - 1.8) < 0.5, result  # Gaussian init starts at 3.0
   assert result["top1"] > 25.0, result
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet20", "resnet18", "resnet50", "mobilenet_v2"])
+def test_configs_validate(name):
+  import importlib
+  from kure_jax.train import validate_config
+  config = importlib.import_module(f"configs.{name}").get_config()
+  validate_config(config)
+  assert config.kure.target == 1.8
+  doc = importlib.import_module(f"configs.{name}").__doc__
+  assert f"python train.py --config configs/{name}.py" in doc  # each config carries its run command
+
+
+def test_imagenet_config_without_imagenet_says_how_to_get_it(tmp_path):
+  from configs import resnet18
+  c = resnet18.get_config()
+  c.dataset.data_dir = str(tmp_path)
+  with pytest.raises(UserError, match=r"tfds build imagenet2012.*folder"):
+    train_and_evaluate(c, str(tmp_path / "w"))
