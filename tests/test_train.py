@@ -256,3 +256,13 @@ def test_imagenet_config_without_imagenet_says_how_to_get_it(tmp_path):
   c.dataset.data_dir = str(tmp_path)
   with pytest.raises(UserError, match=r"tfds build imagenet2012.*folder"):
     train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def test_batch_not_divisible_by_devices(folder, tmp_path):
+  e = env()
+  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  args = cli_args(folder, tmp_path / "w", batch_size=6)
+  r = subprocess.run(args, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: batch_size=6 is not divisible by the 4 devices; use a multiple of 4 (e.g. --config.batch_size=4).")
