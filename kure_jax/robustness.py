@@ -1,0 +1,205 @@
+"""Score one set of weights on a whole grid of quantizers in one compiled call.
+
+A grid is bit-widths × step ratios (Δ = ratio · Δ̃) × step rounding policies × base step
+methods × what is quantized (weights, activations, both). Every point becomes a
+``"quant"`` collection for the models' quantization hook (see `kure_jax.models.layers`),
+built *inside* the compiled function from arrays: the base steps Δ̃ of every layer are
+computed there for every bit-width (bits are traced), and one `jit` compilation scores
+every grid point on every batch, each batch read once. Which layers are quantized
+follows KURE's default (stem and classifier stay in float) and is configurable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kure_jax import quant as Q
+from kure_jax.errors import UserError
+from kure_jax.kurtosis import select_kernels
+from kure_jax.models.layers import INTERMEDIATES, quant_collection
+
+POLICIES = ("exact", "pow2_nearest", "pow2_floor", "pow2_ceil")
+METHODS = ("mse", "max", "aciq_gauss", "aciq_laplace")
+TARGETS = ("weights", "activations", "both")
+GRANULARITIES = ("tensor", "channel")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Grid:
+  """The quantizer settings to score; the sweep covers their full cartesian product."""
+
+  bits: tuple[int, ...] = (2, 3, 4, 8)
+  ratios: tuple[float, ...] = (1.0,)
+  policies: tuple[str, ...] = ("exact",)
+  methods: tuple[str, ...] = ("mse",)
+  targets: tuple[str, ...] = ("weights",)
+  granularity: str = "tensor"       # weight steps per tensor or per output channel
+  weight_grid: str = "signed"       # must match the model's weight_grid
+
+  def validate(self) -> "Grid":
+    """Raise UserError (one line) for a setting that cannot work; return self."""
+    def choose(name, values, allowed):
+      if not values:
+        raise UserError(f"grid.{name} is empty.")
+      for v in values:
+        if v not in allowed:
+          raise UserError(f"grid.{name}: unknown {v!r}; choose from {', '.join(allowed)}.")
+    for b in self.bits:
+      if not float(b).is_integer() or not 2 <= b <= 16:
+        raise UserError(f"grid.bits: {b} is outside 2…16 (whole numbers).")
+    if not self.bits:
+      raise UserError("grid.bits is empty.")
+    for r in self.ratios:
+      if not float(r) > 0:
+        raise UserError(f"grid.ratios: {r} must be > 0 (Δ = ratio · Δ̃).")
+    if not self.ratios:
+      raise UserError("grid.ratios is empty.")
+    choose("policies", self.policies, POLICIES)
+    choose("methods", self.methods, METHODS)
+    choose("targets", self.targets, TARGETS)
+    choose("granularity", (self.granularity,), GRANULARITIES)
+    choose("weight_grid", (self.weight_grid,), Q.GRIDS)
+    return self
+
+  def points(self) -> list[dict[str, Any]]:
+    """One dict per grid point, in the order the sweep returns them."""
+    return [dict(bits=b, ratio=r, policy=p, method=m, target=t)
+            for m, t, p, b, r in itertools.product(self.methods, self.targets, self.policies, self.bits, self.ratios)]
+
+
+def _apply_policy(step: jax.Array, policy_id: jax.Array) -> jax.Array:
+  """Δ, or Δ forced to a power of two (nearest in log2, floor, ceil), by a traced id."""
+  e = jnp.log2(step)
+  return jnp.select([policy_id == 1, policy_id == 2, policy_id == 3],
+                    [2.0 ** jnp.round(e), 2.0 ** jnp.floor(e), 2.0 ** jnp.ceil(e)], step)
+
+
+def _leaf(tree: dict, path: str) -> jax.Array:
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def _method_fn(method: str) -> Callable[..., jax.Array]:
+  return Q.STEP_METHODS[method]
+
+
+def record_activations(model, variables: dict, images: Iterable[np.ndarray], paths: Sequence[str],
+                       max_values: int = 1 << 16, seed: int = 0) -> dict[str, np.ndarray]:
+  """A sample of each selected layer's input over calibration images (recorded once)."""
+  fn = jax.jit(lambda v, x: model.apply(v, x, mutable=[INTERMEDIATES])[1][INTERMEDIATES])
+  chunks: dict[str, list[np.ndarray]] = {p: [] for p in paths}
+  for x in images:
+    inter = jax.device_get(fn(variables, x))
+    for p in paths:
+      node = inter
+      for part in p.split("/")[:-1]:
+        node = node[part]
+      chunks[p].append(np.asarray(node["input"][0]).reshape(-1))
+  rng = np.random.default_rng(seed)
+  out = {}
+  for p, parts in chunks.items():
+    v = np.concatenate(parts)
+    out[p] = v if v.size <= max_values else rng.choice(v, max_values, replace=False)
+  return out
+
+
+class Sweep:
+  """Compiled scorer of one model on one grid.
+
+  ``Sweep(model, variables, grid, calibration=...)`` prepares the grid arrays and the
+  activation samples; ``score(batches)`` runs the single compiled function over the data
+  and returns one row per grid point with top-1, top-5 (%) and mean loss.
+  """
+
+  def __init__(self, model, variables: dict, grid: Grid, *, calibration: Iterable[np.ndarray] | None = None,
+               include=None, exclude=None, skip_stem: bool = True, skip_head: bool = True,
+               chunk: int | None = None):
+    self.grid = grid.validate()
+    self.model = model
+    self.variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    kernels = select_kernels(self.variables["params"], include=include, exclude=exclude,
+                             skip_stem=skip_stem, skip_head=skip_head)
+    self.paths = list(kernels)
+    self.points = grid.points()
+    needs_acts = any(t != "weights" for t in grid.targets)
+    if needs_acts and calibration is None:
+      raise UserError("grid.targets quantizes activations: pass calibration images (a few batches).")
+    acts = record_activations(model, self.variables, calibration, self.paths) if needs_acts else {}
+    self.act_grids = {p: ("unsigned" if v.min() >= 0 else "signed") for p, v in acts.items()}
+    self._acts = {p: jnp.asarray(v) for p, v in acts.items()}
+    bits = list(grid.bits)
+    self._arrays = {
+        "bits": jnp.asarray([pt["bits"] for pt in self.points], jnp.int32),
+        "bit_idx": jnp.asarray([bits.index(pt["bits"]) for pt in self.points], jnp.int32),
+        "ratio": jnp.asarray([pt["ratio"] for pt in self.points], jnp.float32),
+        "policy": jnp.asarray([POLICIES.index(pt["policy"]) for pt in self.points], jnp.int32),
+        "method": jnp.asarray([grid.methods.index(pt["method"]) for pt in self.points], jnp.int32),
+        "w_on": jnp.asarray([pt["target"] in ("weights", "both") for pt in self.points]),
+        "a_on": jnp.asarray([pt["target"] in ("activations", "both") for pt in self.points]),
+    }
+    self._bits = jnp.asarray(bits, jnp.int32)
+    self.chunk = chunk or len(self.points)
+    self._base_steps = jax.jit(self._compute_base_steps)
+    self._score_batch = jax.jit(self._batch_sums)
+
+  # -- inside the compiled functions ---------------------------------------------------
+
+  def _compute_base_steps(self, params: dict, acts: dict, bits: jax.Array) -> dict:
+    """{'w'|'a': {path: steps[method, bits, (C)]}}: Δ̃ for every layer, method and bit-width."""
+    kernels = {p: _leaf(params, p) for p in self.paths}
+    axis = -1 if self.grid.granularity == "channel" else None
+    w = {p: jnp.stack([jax.vmap(lambda b, k=k, m=m: _method_fn(m)(k, b, self.grid.weight_grid, axis=axis))(bits)
+                       for m in self.grid.methods]) for p, k in kernels.items()}
+    a = {p: jnp.stack([jax.vmap(lambda b, v=v, g=self.act_grids[p], m=m: _method_fn(m)(v, b, g))(bits)
+                       for m in self.grid.methods]) for p, v in acts.items()}
+    return {"w": w, "a": a}
+
+  def _quant_for_point(self, base: dict, pt: dict) -> dict:
+    layers = {}
+    for p in self.paths:
+      w_step = _apply_policy(base["w"][p][pt["method"], pt["bit_idx"]] * pt["ratio"], pt["policy"])
+      entry = {"w_bits": jnp.where(pt["w_on"], pt["bits"], 0), "w_step": w_step}
+      if p in base["a"]:
+        a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * pt["ratio"], pt["policy"])
+        entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
+      layers[p] = entry
+    return quant_collection(None, layers)
+
+  def _batch_sums(self, variables: dict, base: dict, arrays: dict, batch: dict) -> dict:
+    from kure_jax.train import classification_sums
+
+    def one(pt):
+      logits = self.model.apply({**variables, "quant": self._quant_for_point(base, pt)}, batch["image"])
+      return classification_sums(logits.astype(jnp.float32), batch["label"], batch["mask"])
+
+    return jax.lax.map(one, arrays, batch_size=self.chunk)
+
+  # -- host side -------------------------------------------------------------------------
+
+  def base_steps(self) -> dict:
+    return self._base_steps(self.variables["params"], self._acts, self._bits)
+
+  def score(self, batches: Iterable[dict], progress: Callable | None = None) -> list[dict[str, Any]]:
+    """Run every batch once through the compiled scorer; rows of the grid with metrics."""
+    base = self.base_steps()
+    totals = None
+    it = batches if progress is None else progress(batches)
+    for batch in it:
+      sums = self._score_batch(self.variables, base, self._arrays, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    t = jax.device_get(totals)
+    rows = []
+    for i, pt in enumerate(self.points):
+      n = max(float(t["count"][i]), 1.0)
+      rows.append({**pt, "top1": 100 * float(t["top1"][i]) / n, "top5": 100 * float(t["top5"][i]) / n,
+                   "loss": float(t["loss"][i]) / n, "correct": int(t["top1"][i]), "count": int(t["count"][i])})
+    return rows
