@@ -49,6 +49,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.kure.skip_head = True             # as in the paper (and stay in float when quantizing)
   c.kure.reduction = "mean"           # mean | sum | max over the selected layers
 
+  # eval.py: the robustness grid (every combination is scored in one compiled call)
+  c.eval = ml_collections.ConfigDict()
+  c.eval.bits = (2, 3, 4, 8)
+  c.eval.ratio_min = 0.7              # step ratios Δ/Δ̃: ratio_steps points from ratio_min to ratio_max
+  c.eval.ratio_max = 1.3
+  c.eval.ratio_steps = 21
+  c.eval.policies = ("exact", "pow2_nearest")   # exact | pow2_nearest | pow2_floor | pow2_ceil
+  c.eval.methods = ("mse",)           # base step Δ̃: mse | max | aciq_gauss | aciq_laplace
+  c.eval.targets = ("weights",)       # weights | activations | both
+  c.eval.granularity = "tensor"       # tensor | channel (weight steps)
+  c.eval.calibration_batches = 1      # batches of the train split for activation steps
+  c.eval.chunk = 8                    # grid points evaluated at once (memory vs speed)
+
   c.init_from = ""                    # a workdir to fine-tune from (params and batch statistics)
   c.seed = 0
   c.checkpoint_every_steps = 500

@@ -1,0 +1,89 @@
+"""`eval.py`'s program: score checkpoints on the config's robustness grid, write reports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from kure_jax import data as data_lib
+from kure_jax import models as models_lib
+from kure_jax import report, sharding
+from kure_jax.checkpoint import check_meta, load_variables, param_shapes
+from kure_jax.errors import UserError
+from kure_jax.robustness import Grid, Sweep
+from kure_jax.train import kure_selection
+
+
+def grid_from_config(config: ml_collections.ConfigDict) -> Grid:
+  """The Grid of ``config.eval`` (validated: one readable error for a bad value)."""
+  e = config.eval
+  if e.ratio_steps < 1 or not e.ratio_min > 0 or e.ratio_max < e.ratio_min:
+    raise UserError(f"config.eval: ratios need 0 < ratio_min ≤ ratio_max and ratio_steps ≥ 1, got "
+                    f"{e.ratio_min}, {e.ratio_max}, {e.ratio_steps}.")
+  ratios = tuple(sorted({round(float(r), 6) for r in np.linspace(e.ratio_min, e.ratio_max, e.ratio_steps)} | (
+      {1.0} if e.ratio_min <= 1.0 <= e.ratio_max else set())))
+  bits = tuple(e.bits) if isinstance(e.bits, (tuple, list)) else (e.bits,)
+  return Grid(bits=bits, ratios=ratios, policies=tuple(e.policies), methods=tuple(e.methods),
+              targets=tuple(e.targets), granularity=e.granularity,
+              weight_grid=config.model_kwargs.get("weight_grid", "signed")).validate()
+
+
+def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labels: Sequence[str] | None,
+             out_dir: str, *, progress: bool = True) -> list[dict[str, Any]]:
+  """Score every checkpoint on the grid; write JSON, CSV and plots to `out_dir`; return the rows."""
+  grid = grid_from_config(config)
+  if not checkpoints:
+    raise UserError("give at least one --checkpoint (a workdir written by train.py).")
+  labels = list(labels or [os.path.basename(os.path.normpath(c)) for c in checkpoints])
+  if len(labels) != len(checkpoints):
+    raise UserError(f"{len(labels)} --label for {len(checkpoints)} --checkpoint; give one label per checkpoint.")
+  mesh = sharding.make_mesh()
+  try:
+    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  model = models_lib.get_model(config.model, config.dataset.num_classes, **dict(config.get("model_kwargs", {})))
+  size = config.dataset.image_size
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
+  expected = {"model": config.model, "num_classes": int(config.dataset.num_classes),
+              "param_shapes": param_shapes(abstract["params"])}
+  loaded = []
+  for path in checkpoints:  # everything is checked before anything compiles
+    variables, meta = load_variables(path)
+    check_meta(meta, expected, f"--checkpoint {path}")
+    loaded.append(variables)
+  try:
+    eval_ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False,
+                                    seed=config.seed)
+    calib_ds = None
+    if any(t != "weights" for t in grid.targets):
+      calib_ds = data_lib.make_dataset(config.dataset, "train", batch_size=config.eval_batch_size, train=False,
+                                       seed=config.seed)
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(str(e)) from e
+
+  rows: list[dict[str, Any]] = []
+  for label, variables in zip(labels, loaded):
+    calibration = None
+    if calib_ds is not None:
+      calibration = [calib_ds.get_batch(i)["image"] for i in range(config.eval.calibration_batches)]
+    sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, **kure_selection(config))
+    batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())
+    bar = None
+    if progress and jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      bar = lambda it: tqdm(it, total=eval_ds.steps_per_epoch, desc=f"{label}: {len(sweep.points)} settings", leave=False)
+    for r in sweep.score(batches, progress=bar):
+      rows.append({"checkpoint": label, **r})
+
+  if jax.process_index() == 0:
+    meta = {"model": config.model, "dataset": config.dataset.name, "checkpoints": dict(zip(labels, checkpoints)),
+            "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(grid).items()}}
+    report.write_tables(rows, out_dir, meta)
+    report.plot_all(rows, out_dir, title=f"{config.model} on {config.dataset.name}: robustness to the quantizer")
+  return rows

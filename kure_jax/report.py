@@ -1,0 +1,138 @@
+"""Robustness reports: JSON and CSV (written atomically), PNG plots, a terminal table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+_TARGET_NAMES = {"weights": "weights", "activations": "activations", "both": "weights + activations"}
+COLUMNS = ("checkpoint", "bits", "ratio", "policy", "method", "target", "top1", "top5", "loss", "count")
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
+  """robustness.json (rows + meta) and robustness.csv (one row per checkpoint × grid point)."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"json": os.path.join(out_dir, "robustness.json"), "csv": os.path.join(out_dir, "robustness.csv")}
+  _atomic_write(paths["json"], json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=1))
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+  _atomic_write(paths["csv"], buf.getvalue())
+  return paths
+
+
+def _at(rows, **match):
+  return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+  """Top-1 at the base step (ratio 1, exact), its worst case over the ratios, and with a pow2 step."""
+  bits = sorted({r["bits"] for r in rows})
+  lines = ["| checkpoint | target | method | " + " | ".join(f"W{b} Δ̃ / worst / pow2" for b in bits) + " |",
+           "| --- | --- | --- | " + " | ".join("---:" for _ in bits) + " |"]
+  for ck in dict.fromkeys(r["checkpoint"] for r in rows):
+    for target in dict.fromkeys(r["target"] for r in rows):
+      for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for b in bits:
+          exact = _at(rows, checkpoint=ck, target=target, method=method, bits=b, policy="exact")
+          base = min(exact, key=lambda r: abs(r["ratio"] - 1.0)) if exact else None
+          pow2 = _at(rows, checkpoint=ck, target=target, method=method, bits=b, policy="pow2_nearest")
+          pow2 = min(pow2, key=lambda r: abs(r["ratio"] - 1.0)) if pow2 else None
+          fmt = lambda r: f"{r['top1']:.1f}" if r else "–"
+          worst = min((r["top1"] for r in exact), default=None)
+          cells.append(f"{fmt(base)} / {worst:.1f} / {fmt(pow2)}" if worst is not None else "–")
+        lines.append(f"| {ck} | {target} | {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> dict[str, str]:
+  """accuracy_vs_ratio.png, accuracy_vs_bits.png and pow2.png in `out_dir`."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  os.makedirs(out_dir, exist_ok=True)
+  checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+  targets = list(dict.fromkeys(r["target"] for r in rows))
+  bits = sorted({r["bits"] for r in rows})
+  method = rows[0]["method"]
+  styles = ["-", "--", ":", "-."]
+  colors = plt.cm.viridis([i / max(len(bits) - 1, 1) for i in range(len(bits))])
+  out = {}
+
+  fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.6), squeeze=False)
+  for ax, target in zip(axes[0], targets):
+    for ci, ck in enumerate(checkpoints):
+      for bi, b in enumerate(bits):
+        pts = sorted(_at(rows, checkpoint=ck, target=target, bits=b, policy="exact", method=method),
+                     key=lambda r: r["ratio"])
+        if pts:
+          ax.plot([r["ratio"] for r in pts], [r["top1"] for r in pts], styles[ci % 4], color=colors[bi],
+                  marker="o", ms=3, label=f"{ck}, {b} bits")
+    ax.axvline(1.0, color="grey", lw=0.6)
+    ax.set(xlabel="step ratio Δ / Δ̃", ylabel="top-1 (%)", title=f"quantized: {_TARGET_NAMES[target]}",
+           ylim=(0, 100))
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=7, ncol=len(checkpoints), loc="lower center")
+  fig.suptitle(title or f"Accuracy vs step-size error (base step: {method})")
+  fig.tight_layout()
+  out["ratio"] = os.path.join(out_dir, "accuracy_vs_ratio.png")
+  fig.savefig(out["ratio"], dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.6))
+  for ci, ck in enumerate(checkpoints):
+    for ti, target in enumerate(targets):
+      pts = []
+      for b in bits:
+        exact = _at(rows, checkpoint=ck, target=target, bits=b, policy="exact", method=method)
+        if exact:
+          pts.append((b, min(exact, key=lambda r: abs(r["ratio"] - 1.0))["top1"]))
+      ax.plot(*zip(*pts), styles[ci % 4], marker="os^v"[ti % 4], label=f"{ck}, {target}")
+  ax.set(xlabel="bits", ylabel="top-1 (%)", title="Accuracy vs bit-width at the base step", ylim=(0, 100),
+         xticks=bits)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  out["bits"] = os.path.join(out_dir, "accuracy_vs_bits.png")
+  fig.savefig(out["bits"], dpi=110)
+  plt.close(fig)
+
+  policies = list(dict.fromkeys(r["policy"] for r in rows))
+  if len(policies) > 1:
+    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.6), squeeze=False)
+    width = 0.8 / (len(checkpoints) * len(policies))
+    for ax, target in zip(axes[0], targets):
+      k = 0
+      for ck in checkpoints:
+        for pol in policies:
+          vals = []
+          for b in bits:
+            pts = _at(rows, checkpoint=ck, target=target, bits=b, policy=pol, method=method)
+            vals.append(min(pts, key=lambda r: abs(r["ratio"] - 1.0))["top1"] if pts else 0.0)
+          ax.bar([i + (k - (len(checkpoints) * len(policies) - 1) / 2) * width for i in range(len(bits))], vals,
+                 width, label=f"{ck}, {pol}")
+          k += 1
+      ax.set(xticks=range(len(bits)), xticklabels=[f"{b} bits" for b in bits], ylabel="top-1 (%)", ylim=(0, 100),
+             title=f"Exact vs power-of-two step ({_TARGET_NAMES[target]})")
+      ax.grid(alpha=0.3, axis="y")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    out["pow2"] = os.path.join(out_dir, "pow2.png")
+    fig.savefig(out["pow2"], dpi=110)
+    plt.close(fig)
+  return out

@@ -1,0 +1,82 @@
+"""eval.py end to end on tiny data: files, rows, plots, and one-line errors before compiling."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+from tests.test_train import cli_args, env, tiny_config, write_class_folders
+from kure_jax.errors import UserError
+from kure_jax.evaluate import run_eval
+from kure_jax.train import train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  folder = write_class_folders(tmp_path_factory.mktemp("data"))
+  workdir = str(tmp_path_factory.mktemp("run") / "r20")
+  train_and_evaluate(tiny_config(folder, max_steps=4), workdir)
+  return folder, workdir
+
+
+def eval_config(folder, **overrides):
+  defaults = {"eval.bits": (2, 8), "eval.ratio_min": 0.8, "eval.ratio_max": 1.2, "eval.ratio_steps": 3,
+              "eval.policies": ("exact", "pow2_nearest"), "eval.targets": ("weights", "both")}
+  return tiny_config(folder, **{**defaults, **overrides})
+
+
+def test_reports(trained, tmp_path):
+  folder, workdir = trained
+  out = tmp_path / "out"
+  rows = run_eval(eval_config(folder), [workdir, workdir], ["base", "again"], str(out), progress=False)
+  assert len(rows) == 2 * (2 * 3 * 2 * 2)  # checkpoints × bits × ratios × policies × targets
+  assert all(r["count"] == 24 for r in rows)  # the whole eval split, every example once
+  same = {(r["bits"], r["ratio"], r["policy"], r["target"]): r["top1"] for r in rows if r["checkpoint"] == "base"}
+  again = {(r["bits"], r["ratio"], r["policy"], r["target"]): r["top1"] for r in rows if r["checkpoint"] == "again"}
+  assert same == again  # the same weights score the same
+  with open(out / "robustness.csv") as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == len(rows) and table[0].keys() >= {"checkpoint", "bits", "ratio", "policy", "top1", "top5"}
+  meta = json.loads((out / "robustness.json").read_text())["meta"]
+  assert meta["grid"]["ratios"] == [0.8, 1.0, 1.2]
+  for png in ("accuracy_vs_ratio.png", "accuracy_vs_bits.png", "pow2.png"):
+    assert (out / png).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"eval.bits": (1, 4)}, "outside 2…16"),
+    ({"eval.ratio_min": 0.0}, "0 < ratio_min"),
+    ({"eval.policies": ("pow3",)}, "unknown 'pow3'"),
+    ({"eval.methods": ("best",)}, "unknown 'best'"),
+])
+def test_bad_grid_is_one_error(trained, tmp_path, overrides, message):
+  folder, workdir = trained
+  with pytest.raises(UserError, match=message):
+    run_eval(eval_config(folder, **overrides), [workdir], None, str(tmp_path), progress=False)
+
+
+def test_checkpoint_that_does_not_fit(trained, tmp_path):
+  folder, workdir = trained
+  c = eval_config(folder)
+  c.model = "mobilenet_v2"
+  with pytest.raises(UserError, match="--checkpoint .* holds a checkpoint of model='resnet20'"):
+    run_eval(c, [workdir], None, str(tmp_path), progress=False)
+  with pytest.raises(UserError, match="no checkpoint found"):
+    run_eval(eval_config(folder), [str(tmp_path / "nothing")], None, str(tmp_path), progress=False)
+
+
+def test_cli(trained, tmp_path):
+  folder, workdir = trained
+  args = [sys.executable, "eval.py", "--config", "configs/cifar10_resnet20.py", "--checkpoint", workdir,
+          "--out", str(tmp_path / "o")] + [a for a in cli_args(folder, "x")[6:] if a.startswith("--config.")]
+  args += ["--config.eval.bits=(4,8)", "--config.eval.ratio_steps=3", "--config.eval.policies=('exact',)"]
+  r = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "| r20 | weights | mse |" in r.stdout
+  bad = subprocess.run(args + ["--config.eval.bits=(17,)"], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == "error: grid.bits: 17 is outside 2…16 (whole numbers)."
