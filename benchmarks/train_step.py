@@ -15,7 +15,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 
@@ -127,8 +126,8 @@ def main():
   med = {k: statistics.median(v) for k, v in rates.items()}
   base = med["jax plain"]
   print(f"ResNet-20 train step, batch {args.batch}, {jax.devices()[0].platform}, median of {args.repeats}×{args.steps} steps")
-  print(f"| step | images/s (median) | min–max | ratio to jax plain |")
-  print(f"| --- | ---: | ---: | ---: |")
+  print("| step | images/s (median) | min–max | ratio to jax plain |")
+  print("| --- | ---: | ---: | ---: |")
   for k, v in med.items():
     print(f"| {k} | {v:,.0f} | {min(rates[k]):,.0f}–{max(rates[k]):,.0f} | {v / base:.3f} |")
   if "torch eager" in med:

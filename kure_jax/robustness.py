@@ -12,7 +12,6 @@ follows KURE's default (stem and classifier stay in float) and is configurable.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any

@@ -9,7 +9,6 @@ are functions of (seed, step), and the dropout key is ``fold_in(seed, step)``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
