@@ -101,8 +101,8 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   directory = path if os.path.basename(os.path.normpath(path)) == "checkpoints" else os.path.join(path, "checkpoints")
   if not os.path.isdir(directory):
     raise UserError(f"no checkpoint found at {path} (expected a workdir written by train.py, with a 'checkpoints' folder).")
-  mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=("state", "meta"))
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
   step = mngr.latest_step()
   if step is None:
     raise UserError(f"no checkpoint found in {directory}.")
