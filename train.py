@@ -3,20 +3,22 @@
   python train.py --config configs/cifar10_resnet20.py --workdir runs/r20 [--config.x=y ...]
 
 All logic lives in `kure_jax.train.train_and_evaluate(config, workdir)`; a run resumes
-from the newest checkpoint in --workdir. Multi-host: call this on every host with
-JAX_COORDINATOR_ADDRESS etc. set (or pass --distributed) so that
-`jax.distributed.initialize()` connects the hosts before anything else.
+from the newest checkpoint in --workdir (default: runs/<config file name>). Multi-host:
+call this on every host with JAX_COORDINATOR_ADDRESS etc. set (or pass --distributed)
+so that `jax.distributed.initialize()` connects the hosts before anything else.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go "
+                    "(default: runs/<config file name>, e.g. runs/resnet18).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
@@ -31,8 +33,10 @@ def main(argv):
   from kure_jax.errors import UserError
   from kure_jax.train import train_and_evaluate
 
+  workdir = FLAGS.workdir or os.path.join(
+      "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])
   try:
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train_and_evaluate(FLAGS.config, workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

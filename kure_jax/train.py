@@ -25,7 +25,7 @@ import optax
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
-from kure_jax import sharding
+from kure_jax import sharding, torchvision_weights
 from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import REDUCTIONS, kure_penalty, kurtosis_by_layer
@@ -258,13 +258,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   except ValueError as e:
     raise UserError(str(e)) from e
+  weights_missing = _init_weights_missing(config, workdir)  # said with a missing dataset, in one line
   try:
     train_ds = data_lib.make_dataset(config.dataset, "train", batch_size=config.batch_size, train=True,
                                      seed=config.seed)
     eval_ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False,
                                     seed=config.seed)
   except (ValueError, FileNotFoundError) as e:  # missing or malformed data: the user's to fix
-    raise UserError(str(e)) from e
+    raise UserError(str(e) + (f" Also: {weights_missing}" if weights_missing else "")) from e
+  if weights_missing:
+    raise UserError(weights_missing)
   steps_per_epoch = train_ds.steps_per_epoch
   total_steps = int(config.num_epochs * steps_per_epoch)
   if config.get("max_steps"):
@@ -346,12 +349,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {"step": final_step, "interrupted": final_step < total_steps, **eval_metrics}
 
 
+def _init_weights_missing(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Why `init_from`'s torchvision weights cannot be read (None if they can, or a resume ignores them)."""
+  ckpts = os.path.join(workdir, "checkpoints")
+  if not config.get("init_from") or (os.path.isdir(ckpts) and any(p.isdigit() for p in os.listdir(ckpts))):
+    return None
+  return torchvision_weights.missing(config.init_from, config.model)
+
+
 def _init_from(config: ml_collections.ConfigDict, state: State, meta: dict[str, Any]) -> State:
   """Replace params/batch statistics with those of another checkpoint (fine-tuning)."""
   path = config.init_from
-  if path.startswith("torchvision:"):
-    raise UserError("init_from='torchvision:...' needs the torchvision converter (not available yet).")
-  variables, src_meta = load_variables(path)
+  if path.startswith(torchvision_weights.PREFIX):  # a torchvision .pth, converted here
+    variables, src_meta = torchvision_weights.load_torchvision(path.removeprefix(torchvision_weights.PREFIX),
+                                                               meta["model"], meta["num_classes"])
+  else:
+    variables, src_meta = load_variables(path)
   check_meta(src_meta, {"model": meta["model"], "num_classes": meta["num_classes"],
                         "param_shapes": meta["param_shapes"]}, f"init_from={path}")
   params = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), state["params"], variables["params"])
