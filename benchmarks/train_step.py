@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/, benchmarks/ importable
 
 
 def jax_step(kure_weight: float, batch: int):
@@ -47,43 +51,9 @@ def jax_step(kure_weight: float, batch: int):
 
 def torch_step(batch: int):
   import torch
-  import torch.nn as tnn
   import torch.nn.functional as F
 
-  class Block(tnn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.c1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.b1 = tnn.BatchNorm2d(cout)
-      self.c2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.b2 = tnn.BatchNorm2d(cout)
-      self.pad = cout - cin
-      self.stride = stride
-
-    def forward(self, x):
-      y = F.relu(self.b1(self.c1(x)))
-      y = self.b2(self.c2(y))
-      sc = x
-      if self.stride != 1 or self.pad:  # option A: subsample + zero-pad channels
-        sc = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-      return F.relu(y + sc)
-
-  class ResNet20(tnn.Module):
-    def __init__(self):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(3, 16, 3, 1, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(16)
-      layers, cin = [], 16
-      for cout, stride in ((16, 1), (32, 2), (64, 2)):
-        for i in range(3):
-          layers.append(Block(cin, cout, stride if i == 0 else 1))
-          cin = cout
-      self.layers = tnn.Sequential(*layers)
-      self.fc = tnn.Linear(64, 10)
-
-    def forward(self, x):
-      x = F.relu(self.bn1(self.conv1(x)))
-      return self.fc(self.layers(x).mean((2, 3)))
+  from benchmarks.torch_resnet20 import ResNet20
 
   torch.manual_seed(0)
   model = ResNet20()

@@ -4,7 +4,9 @@ import csv
 import json
 import subprocess
 import sys
+import textwrap
 
+import numpy as np
 import pytest
 
 from tests.helpers import REPO
@@ -80,3 +82,45 @@ def test_cli(trained, tmp_path):
                        timeout=300)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1] == "error: grid.bits: 17 is outside 2…16 (whole numbers)."
+
+
+MULTI_DEVICE_EVAL = textwrap.dedent("""
+    import json, sys
+    import jax
+    from kure_jax import data, models, sharding
+    from kure_jax.checkpoint import load_variables
+    from kure_jax.evaluate import run_eval
+    from kure_jax.robustness import Grid, Sweep
+    from tests.test_eval import eval_config
+    c = eval_config(sys.argv[1], eval_batch_size=12)
+    variables, _ = load_variables(sys.argv[2])
+    model = models.get_model("resnet20", 2)
+    ds = data.make_dataset(c.dataset, "eval", batch_size=12, train=False, seed=0)
+    calib = [data.make_dataset(c.dataset, "train", batch_size=12, train=False, seed=0).get_batch(0)["image"]]
+    grid = Grid(bits=(2, 4, 8), ratios=(0.8, 1.0, 1.2), policies=("exact", "pow2_floor"), targets=("weights", "both"))
+    out = {}
+    for n in (1, 4):
+      mesh = sharding.make_mesh(jax.devices()[:n])
+      batches = [sharding.shard_batch(b, mesh) for b in ds.iterate()]
+      assert all(len(b["image"].sharding.device_set) == n for b in batches)
+      sweep = Sweep(model, variables, grid, calibration=calib)
+      out[n] = sweep.score(batches)
+    out["cli"] = run_eval(c, [sys.argv[2]], ["r"], sys.argv[3], progress=False)  # all 4 devices
+    print(json.dumps({str(k): v for k, v in out.items()}))
+""")
+
+
+def test_four_devices_score_like_one(trained, tmp_path):
+  folder, workdir = trained
+  e = env()
+  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  r = subprocess.run([sys.executable, "-c", MULTI_DEVICE_EVAL, str(folder), workdir, str(tmp_path)], cwd=REPO, env=e,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  one, four, cli = out["1"], out["4"], out["cli"]
+  assert len(one) == len(four) == 3 * 3 * 2 * 2 and all(row["count"] == 24 for row in four)
+  assert [row["correct"] for row in four] == [row["correct"] for row in one]
+  np.testing.assert_allclose([row["loss"] for row in four], [row["loss"] for row in one], rtol=1e-5)
+  assert len({row["top1"] for row in one}) > 1  # the grid points differ: the comparison is informative
+  assert all(row["count"] == 24 for row in cli) and len(cli) == 2 * 3 * 2 * 2
