@@ -48,6 +48,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.kure.skip_stem = True             # the first layer and the classifier stay unregularized,
   c.kure.skip_head = True             # as in the paper (and stay in float when quantizing)
   c.kure.reduction = "mean"           # mean | sum | max over the selected layers
+  c.kure.activations = 0.0            # λ_a: kurtosis of the selected layers' inputs too (0: off)
+
+  # quantization-aware training (the penalty above acts on the latent float weights)
+  c.quant = ml_collections.ConfigDict()
+  c.quant.method = "none"             # none | dorefa | lsq
+  c.quant.w_bits = 4
+  c.quant.a_bits = 4                  # 0 keeps activations in float
+  c.quant.include = ""                # regexes over kernel paths, as for kure
+  c.quant.exclude = ""
+  c.quant.skip_stem = True            # the first layer and the classifier stay in float,
+  c.quant.skip_head = True            # as in the paper
 
   # eval.py: the robustness grid (every combination is scored in one compiled call)
   c.eval = ml_collections.ConfigDict()
@@ -56,11 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.ratio_max = 1.3
   c.eval.ratio_steps = 21
   c.eval.policies = ("exact", "pow2_nearest")   # exact | pow2_nearest | pow2_floor | pow2_ceil
-  c.eval.methods = ("mse",)           # base step Δ̃: mse | max | aciq_gauss | aciq_laplace
+  c.eval.methods = ("mse",)           # base step Δ̃: mse | max | aciq_gauss | aciq_laplace | learned (QAT)
   c.eval.targets = ("weights",)       # weights | activations | both
   c.eval.granularity = "tensor"       # tensor | channel (weight steps)
   c.eval.calibration_batches = 1      # batches of the train split for activation steps
-  c.eval.chunk = 8                    # grid points evaluated at once (memory vs speed)
+  c.eval.chunk = 1                    # grid points vmapped at once; 1 is fastest on CPU
 
   c.init_from = ""                    # a workdir to fine-tune from (params and batch statistics)
   c.seed = 0

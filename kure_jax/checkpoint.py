@@ -94,7 +94,7 @@ def check_meta(meta: dict[str, Any], expected: dict[str, Any], where: str) -> No
 
 
 def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Read {'params', 'batch_stats'} and the metadata of the latest checkpoint under `path`.
+  """Read {'params', 'batch_stats'} (+ 'qsteps' of an LSQ run) and the metadata of the latest checkpoint under `path`.
 
   `path` may be a workdir or its 'checkpoints' folder. Used by `init_from` and eval.
   """
@@ -111,4 +111,7 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   except Exception as e:  # noqa: BLE001
     raise UserError(_unreadable(directory, step, e)) from e
   state = restored["state"]
-  return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, restored["meta"]
+  variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+  if state.get("qsteps"):  # LSQ's learned steps
+    variables["qsteps"] = state["qsteps"]
+  return variables, restored["meta"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
-from kure_jax import report, sharding
+from kure_jax import qat, report, sharding
 from kure_jax.checkpoint import check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
 from kure_jax.robustness import Grid, Sweep
@@ -30,7 +30,7 @@ def grid_from_config(config: ml_collections.ConfigDict) -> Grid:
   bits = tuple(e.bits) if isinstance(e.bits, (tuple, list)) else (e.bits,)
   return Grid(bits=bits, ratios=ratios, policies=tuple(e.policies), methods=tuple(e.methods),
               targets=tuple(e.targets), granularity=e.granularity,
-              weight_grid=config.model_kwargs.get("weight_grid", "signed")).validate()
+              weight_grid=qat.model_kwargs(config).get("weight_grid", "signed")).validate()
 
 
 def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labels: Sequence[str] | None,
@@ -47,7 +47,8 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   except ValueError as e:
     raise UserError(str(e)) from e
-  model = models_lib.get_model(config.model, config.dataset.num_classes, **dict(config.get("model_kwargs", {})))
+  qat.validate(config)
+  model = models_lib.get_model(config.model, config.dataset.num_classes, **qat.model_kwargs(config))
   size = config.dataset.image_size
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
   expected = {"model": config.model, "num_classes": int(config.dataset.num_classes),
@@ -56,7 +57,13 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   for path in checkpoints:  # everything is checked before anything compiles
     variables, meta = load_variables(path)
     check_meta(meta, expected, f"--checkpoint {path}")
-    loaded.append(variables)
+    trained = (meta.get("quant") or {}).get("method", "none")
+    if trained != qat.method(config):
+      raise UserError(f"--checkpoint {path} was trained with quant.method={trained!r} but the config says "
+                      f"{qat.method(config)!r}; score it with its own config (--config.quant.method={trained}).")
+    if "learned" in grid.methods and trained == "none":
+      raise UserError(f"--checkpoint {path}: eval.methods 'learned' needs a QAT checkpoint; drop it for float ones.")
+    loaded.append((variables, meta.get("quant")))
   try:
     eval_ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False,
                                     seed=config.seed)
@@ -68,11 +75,12 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
     raise UserError(str(e)) from e
 
   rows: list[dict[str, Any]] = []
-  for label, variables in zip(labels, loaded):
+  for label, (variables, qat_meta) in zip(labels, loaded):
     calibration = None
     if calib_ds is not None:
       calibration = [calib_ds.get_batch(i)["image"] for i in range(config.eval.calibration_batches)]
-    sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, **kure_selection(config))
+    sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, qat=qat_meta,
+                  **kure_selection(config))
     batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())
     bar = None
     if progress and jax.process_index() == 0:

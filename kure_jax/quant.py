@@ -128,6 +128,12 @@ def quantize(x: jax.Array, step: jax.Array | float, bits: jax.Array | int, grid:
   return _quantize(_f32(x), step, bits, grid).astype(x.dtype)
 
 
+def tanh_normalize(w: jax.Array) -> jax.Array:
+  """tanh(w) / max|tanh(w)|: DoReFa's weight normalization to [−1, 1] (2w̃ − 1 in its notation)."""
+  t = jnp.tanh(w)
+  return t / jnp.maximum(jnp.max(jnp.abs(t)), 1e-12)
+
+
 def round_ste(x: jax.Array) -> jax.Array:
   """round(x) in the forward pass, identity gradient in the backward pass."""
   return x + jax.lax.stop_gradient(jnp.round(x) - x)

@@ -7,6 +7,12 @@ built *inside* the compiled function from arrays: the base steps Δ̃ of every l
 computed there for every bit-width (bits are traced), and one `jit` compilation scores
 every grid point on every batch, each batch read once. Which layers are quantized
 follows KURE's default (stem and classifier stay in float) and is configurable.
+
+Inside the compiled function the points run one after another (`lax.map`), `chunk`
+at a time under `vmap`. One at a time is the default because it is measured fastest
+on CPU (benchmarks/sweep.py): each point runs at 1.15× the speed of a float forward
+pass, while `vmap` over points turns every conv into a grouped conv with a batch of
+kernels, which XLA:CPU runs 8× slower. On GPU/TPU a larger chunk may pay; measure.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kure_jax import qat as qat_lib
 from kure_jax import quant as Q
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import select_kernels
 from kure_jax.models.layers import INTERMEDIATES, quant_collection
 
 POLICIES = ("exact", "pow2_nearest", "pow2_floor", "pow2_ceil")
-METHODS = ("mse", "max", "aciq_gauss", "aciq_laplace")
+METHODS = ("mse", "max", "aciq_gauss", "aciq_laplace", "learned")  # learned: a QAT checkpoint's own steps
 TARGETS = ("weights", "activations", "both")
 GRANULARITIES = ("tensor", "channel")
 
@@ -93,7 +100,10 @@ def _method_fn(method: str) -> Callable[..., jax.Array]:
 
 def record_activations(model, variables: dict, images: Iterable[np.ndarray], paths: Sequence[str],
                        max_values: int = 1 << 16, seed: int = 0) -> dict[str, np.ndarray]:
-  """A sample of each selected layer's input over calibration images (recorded once)."""
+  """A sample of each selected layer's input over calibration images (recorded once).
+
+  `variables` may hold a 'quant' collection (e.g. DoReFa's weight normalization).
+  """
   fn = jax.jit(lambda v, x: model.apply(v, x, mutable=[INTERMEDIATES])[1][INTERMEDIATES])
   chunks: dict[str, list[np.ndarray]] = {p: [] for p in paths}
   for x in images:
@@ -117,22 +127,38 @@ class Sweep:
   ``Sweep(model, variables, grid, calibration=...)`` prepares the grid arrays and the
   activation samples; ``score(batches)`` runs the single compiled function over the data
   and returns one row per grid point with top-1, top-5 (%) and mean loss.
+
+  A QAT checkpoint passes ``qat=meta["quant"]`` (and its variables hold LSQ's 'qsteps'):
+  its quantized layers are scored, DoReFa's weight normalization stays on at every point,
+  and the base-step method "learned" rescales its trained steps to each bit-width
+  (Δ_k = Δ_b·(2^b − 1)/(2^k − 1)), beside re-optimized ones ("mse", ...).
   """
 
   def __init__(self, model, variables: dict, grid: Grid, *, calibration: Iterable[np.ndarray] | None = None,
                include=None, exclude=None, skip_stem: bool = True, skip_head: bool = True,
-               chunk: int | None = None):
+               chunk: int = 1, qat: dict[str, Any] | None = None):
     self.grid = grid.validate()
     self.model = model
     self.variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    kernels = select_kernels(self.variables["params"], include=include, exclude=exclude,
-                             skip_stem=skip_stem, skip_head=skip_head)
-    self.paths = list(kernels)
+    self.qat = qat
+    self.dorefa = bool(qat) and qat["method"] == "dorefa"
+    if "learned" in grid.methods and not qat:
+      raise UserError("grid.methods 'learned' needs a QAT checkpoint (trained with quant.method=dorefa or lsq).")
+    if qat:
+      self.paths = list(qat["paths"])
+    else:
+      self.paths = list(select_kernels(self.variables["params"], include=include, exclude=exclude,
+                                       skip_stem=skip_stem, skip_head=skip_head))
+    self._learned = qat_lib.learned_steps(qat, variables.get("qsteps", {})) if qat else {}
     self.points = grid.points()
     needs_acts = any(t != "weights" for t in grid.targets)
     if needs_acts and calibration is None:
       raise UserError("grid.targets quantizes activations: pass calibration images (a few batches).")
-    acts = record_activations(model, self.variables, calibration, self.paths) if needs_acts else {}
+    if needs_acts and "learned" in grid.methods and any(v["a"] is None for v in self._learned.values()):
+      raise UserError("grid.methods 'learned' with activations: this checkpoint learned no activation steps "
+                      "(trained with quant.a_bits=0); use targets=('weights',) or another method.")
+    recording = dict(self.variables, quant=self._transform_collection()) if self.dorefa else self.variables
+    acts = record_activations(model, recording, calibration, self.paths) if needs_acts else {}
     self.act_grids = {p: ("unsigned" if v.min() >= 0 else "signed") for p, v in acts.items()}
     self._acts = {p: jnp.asarray(v) for p, v in acts.items()}
     bits = list(grid.bits)
@@ -146,20 +172,38 @@ class Sweep:
         "a_on": jnp.asarray([pt["target"] in ("activations", "both") for pt in self.points]),
     }
     self._bits = jnp.asarray(bits, jnp.int32)
-    self.chunk = chunk or len(self.points)
+    if chunk < 1:
+      raise UserError(f"chunk must be ≥ 1 (grid points evaluated at once), got {chunk}.")
+    self.chunk = min(chunk, len(self.points))
     self._base_steps = jax.jit(self._compute_base_steps)
     self._score_batch = jax.jit(self._batch_sums)
 
   # -- inside the compiled functions ---------------------------------------------------
 
+  def _transform_collection(self) -> dict:
+    """The quant entries every point carries: DoReFa's tanh normalization of the weights."""
+    return quant_collection(None, {p: {"w_tanh": jnp.asarray(True)} for p in self.paths})
+
   def _compute_base_steps(self, params: dict, acts: dict, bits: jax.Array) -> dict:
     """{'w'|'a': {path: steps[method, bits, (C)]}}: Δ̃ for every layer, method and bit-width."""
     kernels = {p: _leaf(params, p) for p in self.paths}
+    if self.dorefa:  # the weights DoReFa quantizes are the normalized ones
+      kernels = {p: Q.tanh_normalize(k) for p, k in kernels.items()}
     axis = -1 if self.grid.granularity == "channel" else None
-    w = {p: jnp.stack([jax.vmap(lambda b, k=k, m=m: _method_fn(m)(k, b, self.grid.weight_grid, axis=axis))(bits)
-                       for m in self.grid.methods]) for p, k in kernels.items()}
-    a = {p: jnp.stack([jax.vmap(lambda b, v=v, g=self.act_grids[p], m=m: _method_fn(m)(v, b, g))(bits)
-                       for m in self.grid.methods]) for p, v in acts.items()}
+
+    def weight_steps(p, k, m):
+      if m == "learned":
+        s = qat_lib.rescale_step(self._learned[p]["w"], self.qat["w_bits"], bits)
+        return s[:, None] * jnp.ones(k.shape[-1]) if axis is not None else s
+      return jax.vmap(lambda b: _method_fn(m)(k, b, self.grid.weight_grid, axis=axis))(bits)
+
+    def act_steps(p, v, m):
+      if m == "learned":
+        return qat_lib.rescale_step(self._learned[p]["a"], self.qat["a_bits"] or self.qat["w_bits"], bits)
+      return jax.vmap(lambda b: _method_fn(m)(v, b, self.act_grids[p]))(bits)
+
+    w = {p: jnp.stack([weight_steps(p, k, m) for m in self.grid.methods]) for p, k in kernels.items()}
+    a = {p: jnp.stack([act_steps(p, v, m) for m in self.grid.methods]) for p, v in acts.items()}
     return {"w": w, "a": a}
 
   def _quant_for_point(self, base: dict, pt: dict) -> dict:
@@ -167,6 +211,8 @@ class Sweep:
     for p in self.paths:
       w_step = _apply_policy(base["w"][p][pt["method"], pt["bit_idx"]] * pt["ratio"], pt["policy"])
       entry = {"w_bits": jnp.where(pt["w_on"], pt["bits"], 0), "w_step": w_step}
+      if self.dorefa:
+        entry["w_tanh"] = jnp.asarray(True)
       if p in base["a"]:
         a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * pt["ratio"], pt["policy"])
         entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
@@ -184,16 +230,26 @@ class Sweep:
 
   # -- host side -------------------------------------------------------------------------
 
+  def _placed_like(self, batch: dict) -> tuple[dict, dict, dict]:
+    sharding = getattr(batch["image"], "sharding", None)
+    variables, acts, arrays = self.variables, self._acts, self._arrays
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+      variables, acts, arrays = jax.device_put((variables, acts, arrays), rep)
+    return variables, self._base_steps(variables["params"], acts, self._bits), arrays
+
   def base_steps(self) -> dict:
     return self._base_steps(self.variables["params"], self._acts, self._bits)
 
   def score(self, batches: Iterable[dict], progress: Callable | None = None) -> list[dict[str, Any]]:
     """Run every batch once through the compiled scorer; rows of the grid with metrics."""
-    base = self.base_steps()
-    totals = None
+    totals, placed = None, None
     it = batches if progress is None else progress(batches)
     for batch in it:
-      sums = self._score_batch(self.variables, base, self._arrays, batch)
+      if placed is None:  # weights, steps and grid go wherever the batches are (replicated over their mesh)
+        placed = self._placed_like(batch)
+      variables, base, arrays = placed
+      sums = self._score_batch(variables, base, arrays, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     t = jax.device_get(totals)
     rows = []

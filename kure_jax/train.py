@@ -25,16 +25,16 @@ import optax
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
-from kure_jax import sharding, torchvision_weights
+from kure_jax import qat, sharding, torchvision_weights
 from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
-from kure_jax.kurtosis import REDUCTIONS, kure_penalty, kurtosis_by_layer
+from kure_jax.kurtosis import REDUCTIONS, kure_penalty, kurtosis, kurtosis_by_layer, select_kernels
 from kure_jax.metrics import MetricWriter
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 
-State = dict[str, Any]  # {"step", "params", "batch_stats", "opt_state"}
+State = dict[str, Any]  # {"step", "params", "batch_stats", "opt_state"} (+ "qsteps" in QAT)
 
 
 # ----------------------------------------------------------------------------------
@@ -70,6 +70,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("kure.weight", f"must be ≥ 0 (λ = 0 turns KURE off), got {k.weight}.")
   if not k.target >= 1.0:
     bad("kure.target", f"must be ≥ 1 (no distribution has kurtosis below 1; uniform is 1.8), got {k.target}.")
+  if k.get("activations", 0.0) < 0:
+    bad("kure.activations", f"must be ≥ 0 (0 turns the activation penalty off), got {k.activations}.")
   if k.reduction not in REDUCTIONS:
     bad("kure.reduction", f"is {k.reduction!r}; choose one of {', '.join(REDUCTIONS)}.")
   for field in ("include", "exclude"):
@@ -77,6 +79,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       re.compile(k[field])
     except re.error as e:
       bad(f"kure.{field}", f"is not a valid regex ({e}).")
+  qat.validate(config)
   for field in ("checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
     if config[field] <= 0:
       bad(field, f"must be > 0, got {config[field]}.")
@@ -109,15 +112,33 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total
   return optax.join_schedules([optax.linear_schedule(0.0, s.learning_rate, warmup), main], [warmup])
 
 
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with PyTorch-style coupled weight decay (grad += wd·w before momentum), or Adam(W)."""
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   decay_mask: Any = None) -> optax.GradientTransformation:
+  """SGD with PyTorch-style coupled weight decay (grad += wd·w before momentum), or Adam(W).
+
+  `decay_mask` (optax's mask: a pytree or function of bools) limits weight decay, e.g. to
+  the params when the trainables also hold LSQ's learned steps.
+  """
   o = config.optimizer
   if o.name == "sgd":
-    return optax.chain(optax.add_decayed_weights(o.weight_decay),
+    return optax.chain(optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
                        optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
   if o.name == "adam":
-    return optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(schedule))
-  return optax.adamw(schedule, weight_decay=o.weight_decay)
+    return optax.chain(optax.add_decayed_weights(o.weight_decay, mask=decay_mask), optax.adam(schedule))
+  return optax.adamw(schedule, weight_decay=o.weight_decay, mask=decay_mask)
+
+
+def params_only(trainables: Any) -> Any:
+  """Weight-decay mask for {'params', 'qsteps'} trainables: decay the params, not the learned steps."""
+  if set(trainables) != {"params", "qsteps"}:  # a bare params tree
+    return jax.tree.map(lambda _: True, trainables)
+  return {"params": jax.tree.map(lambda _: True, trainables["params"]),
+          "qsteps": jax.tree.map(lambda _: False, trainables["qsteps"])}
+
+
+def trainables(state: State) -> Any:
+  """What the optimizer updates: the params, plus LSQ's learned steps when there are any."""
+  return {"params": state["params"], "qsteps": state["qsteps"]} if state.get("qsteps") else state["params"]
 
 
 def create_state(model, tx: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, ...]) -> State:
@@ -134,33 +155,68 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.
   return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def activation_penalty(inter: dict, paths: list[str], target: float) -> jax.Array:
+  """mean_l (Kurt[a_l] − K_T)² over the inputs the selected layers sowed (before quantization)."""
+  terms = []
+  for p in paths:
+    node = inter
+    for part in p.split("/")[:-1]:
+      node = node[part]
+    terms.append((kurtosis(node["input"][0]) - target) ** 2)
+  return jnp.mean(jnp.stack(terms))
+
+
 def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                    schedule: optax.Schedule) -> Callable[[State, dict], tuple[State, dict]]:
-  """(state, batch) → (state, metrics): CE + λ·KURE, one optimizer update."""
+                    schedule: optax.Schedule, spec: qat.QatSpec | None = None,
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
+  """(state, batch) → (state, metrics): CE + λ·KURE (+ λ_a·activation KURE), one optimizer update.
+
+  With a QAT `spec` the forward pass is quantized by its method (DoReFa or LSQ) and, for
+  LSQ, the learned steps in ``state["qsteps"]`` are trained with the params; KURE always
+  regularizes the latent float weights.
+  """
   lam = float(config.kure.weight)
+  lam_a = float(config.kure.get("activations", 0.0))
   target = float(config.kure.target)
   selection = kure_selection(config)
   reduction = config.kure.reduction
   base_key = jax.random.PRNGKey(config.seed)
+  weight_grid = qat.model_kwargs(config).get("weight_grid", "signed")
+  mutable = ["batch_stats"] + (["intermediates"] if lam_a > 0 else [])
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
     dropout_key = jax.random.fold_in(base_key, state["step"])
 
-    def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": state["batch_stats"]}, batch["image"],
-                                    train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    def loss_fn(train_vars):
+      params = train_vars["params"] if "qsteps" in state and state["qsteps"] else train_vars
+      variables = {"params": params, "batch_stats": state["batch_stats"]}
+      if spec is not None and spec.method != "none":
+        qsteps = train_vars["qsteps"] if params is not train_vars else {}
+        variables["quant"] = qat.quant_for_training(spec, qsteps, weight_grid)
+      logits, updates = model.apply(variables, batch["image"], train=True, mutable=mutable,
+                                    rngs={"dropout": dropout_key})
       ce = cross_entropy(logits, batch["label"], batch["mask"])
       penalty = kure_penalty(params, target, reduction=reduction, **selection) if lam > 0 else jnp.zeros(())
-      return ce + lam * penalty, (ce, penalty, logits, updates["batch_stats"])
+      act = jnp.zeros(())
+      if lam_a > 0:
+        act = activation_penalty(updates["intermediates"], list(select_kernels(params, **selection)), target)
+      return ce + lam * penalty + lam_a * act, (ce, penalty, act, logits, updates["batch_stats"])
 
-    (loss, (ce, penalty, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    current = trainables(state)
+    (loss, (ce, penalty, act, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(current)
+    updates, opt_state = tx.update(grads, state["opt_state"], current)
+    new = optax.apply_updates(current, updates)
     correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
     metrics = {"loss": loss, "ce": ce, "kure": penalty,
                "accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
                "learning_rate": schedule(state["step"])}
-    new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+    if lam_a > 0:
+      metrics["kure_act"] = act
+    new_state = {**state, "step": state["step"] + 1, "batch_stats": batch_stats, "opt_state": opt_state}
+    if "qsteps" in state and state["qsteps"]:
+      new_state.update(params=new["params"], qsteps=new["qsteps"])
+    else:
+      new_state["params"] = new
     return new_state, metrics
 
   return step_fn
@@ -273,27 +329,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get("max_steps"):
     total_steps = min(total_steps, int(config.max_steps))
 
-  model = models_lib.get_model(config.model, config.dataset.num_classes, **dict(config.get("model_kwargs", {})))
+  model_kwargs = qat.model_kwargs(config)
+  model = models_lib.get_model(config.model, config.dataset.num_classes, **model_kwargs)
+  weight_grid = model_kwargs.get("weight_grid", "signed")
   schedule = make_schedule(config, steps_per_epoch, total_steps)
-  tx = make_optimizer(config, schedule)
+  lsq = qat.method(config) == "lsq"
+  tx = make_optimizer(config, schedule, decay_mask=params_only if lsq else None)
   image_shape = (config.dataset.image_size, config.dataset.image_size, 3)
   state = create_state(model, tx, jax.random.PRNGKey(config.seed), image_shape)
+  spec, probe = None, None
+  if qat.method(config) != "none":  # which layers, their input grids and sizes: one train batch shows them
+    probe = np.asarray(train_ds.get_batch(0)["image"])
+    spec = qat.make_spec(config, model, state, probe)
+    if lsq:
+      state = _with_lsq_steps(state, spec, model, probe, tx, weight_grid)
   meta = _meta(config, state["params"])
+  if spec is not None:
+    meta["quant"] = spec.meta()
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
   state = sharding.replicate(state, mesh)
   if ckpt.latest_step() is not None:
+    saved = ckpt.read_meta(ckpt.latest_step()).get("quant")
+    if saved != meta.get("quant"):
+      raise UserError(f"{workdir} holds a checkpoint trained with quant={saved}, but the config asks for "
+                      f"quant={meta.get('quant')}. It was left untouched: pick another --workdir (or fix the config).")
     state, _ = ckpt.restore(state, meta)
     _truncate_metrics(workdir, int(state["step"]))
   elif config.get("init_from"):
-    state = sharding.replicate(_init_from(config, state, meta), mesh)
+    state = _init_from(config, state, meta)
+    if lsq:  # LSQ's steps start from the weights they will quantize
+      state = _with_lsq_steps(state, spec, model, probe, tx, weight_grid)
+    state = sharding.replicate(state, mesh)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
   rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config, schedule), in_shardings=(rep, bat),
+  train_step = jax.jit(make_train_step(model, tx, config, schedule, spec), in_shardings=(rep, bat),
                        out_shardings=(rep, rep), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(rep, bat), out_shardings=rep)
   kurt_fn = jax.jit(lambda p: kurtosis_by_layer(p, **kure_selection(config)))
@@ -334,6 +408,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(done, state, meta)
       if done % steps_per_epoch == 0 or done == total_steps:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        if spec is not None:  # a QAT model is scored as it trains: quantized
+          variables["quant"] = qat.quant_for_training(spec, state.get("qsteps", {}), weight_grid)
         eval_metrics = evaluate(eval_step, variables, eval_ds, mesh)
         kurt = {k.removesuffix("/kernel"): float(v) for k, v in jax.device_get(kurt_fn(state["params"])).items()}
         eval_metrics["kurtosis_mean"] = float(np.mean(list(kurt.values())))
@@ -347,6 +423,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar.close()
   writer.close()
   return {"step": final_step, "interrupted": final_step < total_steps, **eval_metrics}
+
+
+def _with_lsq_steps(state: State, spec: qat.QatSpec, model, images: np.ndarray, tx: optax.GradientTransformation,
+                    weight_grid: str) -> State:
+  """Add LSQ's initial steps (2·mean|x|/√Q_P from the current weights and one batch) and their optimizer state."""
+  qsteps = qat.init_steps(spec, model, state, images, weight_grid)
+  return {**state, "qsteps": qsteps, "opt_state": tx.init({"params": state["params"], "qsteps": qsteps})}
 
 
 def _init_weights_missing(config: ml_collections.ConfigDict, workdir: str) -> str | None:

@@ -7,6 +7,7 @@ can sweep them):
 
   w_bits, w_step   weight bit-width and step (scalar, or per output channel)
   a_bits, a_step   input-activation bit-width and step (scalar)
+  w_tanh           optional: normalize the kernel to tanh(w)/max|tanh w| first (DoReFa)
 
 A bit-width of 0 means "leave in float", so a vmapped sweep can switch weight or
 activation quantization on and off without recompiling. What is static (the grid,
@@ -46,6 +47,8 @@ def quant_hook(mdl: nn.Module, x: jax.Array, kernel: jax.Array, *, weight_grid: 
   """Route a layer's input and kernel through the quantizers named in the 'quant' collection."""
   if mdl.is_mutable_collection(INTERMEDIATES):
     mdl.sow(INTERMEDIATES, "input", x)
+  if mdl.has_variable(QUANT, "w_tanh"):
+    kernel = jnp.where(mdl.get_variable(QUANT, "w_tanh"), Q.tanh_normalize(kernel), kernel)
   if mdl.has_variable(QUANT, "w_bits"):
     w_step = mdl.get_variable(QUANT, "w_step")  # () or (C_out,), broadcasts along the last axis
     kernel = _maybe_quantize(kernel, w_step, mdl.get_variable(QUANT, "w_bits"), weight_grid)
