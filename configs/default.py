@@ -50,6 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.kure.reduction = "mean"           # mean | sum | max over the selected layers
   c.kure.activations = 0.0            # λ_a: kurtosis of the selected layers' inputs too (0: off)
 
+  # the regularizer: KURE (above), or the gradient-ℓ1 baseline of Alizadeh et al. in its place
+  c.reg = ml_collections.ConfigDict()
+  c.reg.kind = "kure"                 # kure | grad_l1 (λ·‖∇_W CE‖₁ on the kernels KURE would select)
+  c.reg.grad_l1_weight = 0.05         # its λ (used when reg.kind = "grad_l1"; then kure.weight must be 0)
+
   # quantization-aware training (the penalty above acts on the latent float weights)
   c.quant = ml_collections.ConfigDict()
   c.quant.method = "none"             # none | dorefa | lsq

@@ -28,10 +28,12 @@ from kure_jax import models as models_lib
 from kure_jax import qat, sharding, torchvision_weights
 from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
+from kure_jax.gradient_l1 import with_gradient_l1
 from kure_jax.kurtosis import REDUCTIONS, kure_penalty, kurtosis, kurtosis_by_layer, select_kernels
 from kure_jax.metrics import MetricWriter
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+REGULARIZERS = ("kure", "grad_l1")
 SCHEDULES = ("cosine", "step", "constant")
 
 State = dict[str, Any]  # {"step", "params", "batch_stats", "opt_state"} (+ "qsteps" in QAT)
@@ -79,6 +81,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       re.compile(k[field])
     except re.error as e:
       bad(f"kure.{field}", f"is not a valid regex ({e}).")
+  reg = config.get("reg")
+  if reg is not None:
+    if reg.kind not in REGULARIZERS:
+      bad("reg.kind", f"is {reg.kind!r}; choose one of {', '.join(REGULARIZERS)}.")
+    if reg.grad_l1_weight < 0:
+      bad("reg.grad_l1_weight", f"must be ≥ 0, got {reg.grad_l1_weight}.")
+    if reg.kind == "grad_l1" and k.weight > 0:
+      bad("reg.kind", "is 'grad_l1', which replaces KURE: set --config.kure.weight=0 (its λ is reg.grad_l1_weight).")
   qat.validate(config)
   for field in ("checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
     if config[field] <= 0:
@@ -183,27 +193,39 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
   base_key = jax.random.PRNGKey(config.seed)
   weight_grid = qat.model_kwargs(config).get("weight_grid", "signed")
   mutable = ["batch_stats"] + (["intermediates"] if lam_a > 0 else [])
+  reg = config.get("reg")
+  lam_g = float(reg.grad_l1_weight) if reg is not None and reg.kind == "grad_l1" else 0.0
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
     dropout_key = jax.random.fold_in(base_key, state["step"])
 
     def loss_fn(train_vars):
       params = train_vars["params"] if "qsteps" in state and state["qsteps"] else train_vars
-      variables = {"params": params, "batch_stats": state["batch_stats"]}
+      quant = {}
       if spec is not None and spec.method != "none":
         qsteps = train_vars["qsteps"] if params is not train_vars else {}
-        variables["quant"] = qat.quant_for_training(spec, qsteps, weight_grid)
-      logits, updates = model.apply(variables, batch["image"], train=True, mutable=mutable,
-                                    rngs={"dropout": dropout_key})
-      ce = cross_entropy(logits, batch["label"], batch["mask"])
+        quant = {"quant": qat.quant_for_training(spec, qsteps, weight_grid)}
+
+      def task_loss(p):
+        logits, updates = model.apply({"params": p, "batch_stats": state["batch_stats"], **quant}, batch["image"],
+                                      train=True, mutable=mutable, rngs={"dropout": dropout_key})
+        return cross_entropy(logits, batch["label"], batch["mask"]), (logits, updates)
+
+      grad_l1 = jnp.zeros(())
+      if lam_g > 0:  # Alizadeh et al.: λ·‖∇_W CE‖₁ over the selected kernels, by double backprop
+        ce, grad_l1, (logits, updates) = with_gradient_l1(task_loss, params, list(select_kernels(params, **selection)))
+      else:
+        ce, (logits, updates) = task_loss(params)
       penalty = kure_penalty(params, target, reduction=reduction, **selection) if lam > 0 else jnp.zeros(())
       act = jnp.zeros(())
       if lam_a > 0:
         act = activation_penalty(updates["intermediates"], list(select_kernels(params, **selection)), target)
-      return ce + lam * penalty + lam_a * act, (ce, penalty, act, logits, updates["batch_stats"])
+      loss = ce + lam * penalty + lam_a * act + lam_g * grad_l1
+      return loss, (ce, penalty, act, grad_l1, logits, updates["batch_stats"])
 
     current = trainables(state)
-    (loss, (ce, penalty, act, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(current)
+    (loss, (ce, penalty, act, grad_l1, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        current)
     updates, opt_state = tx.update(grads, state["opt_state"], current)
     new = optax.apply_updates(current, updates)
     correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
@@ -212,6 +234,8 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
                "learning_rate": schedule(state["step"])}
     if lam_a > 0:
       metrics["kure_act"] = act
+    if lam_g > 0:
+      metrics["grad_l1"] = grad_l1
     new_state = {**state, "step": state["step"] + 1, "batch_stats": batch_stats, "opt_state": opt_state}
     if "qsteps" in state and state["qsteps"]:
       new_state.update(params=new["params"], qsteps=new["qsteps"])
