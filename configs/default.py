@@ -72,11 +72,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.ratio_max = 1.3
   c.eval.ratio_steps = 21
   c.eval.policies = ("exact", "pow2_nearest")   # exact | pow2_nearest | pow2_floor | pow2_ceil
-  c.eval.methods = ("mse",)           # base step Δ̃: mse | max | aciq_gauss | aciq_laplace | learned (QAT)
+  c.eval.methods = ("mse",)           # base step Δ̃: mse | max | aciq_gauss | aciq_laplace | learned (QAT) | lapq
   c.eval.targets = ("weights",)       # weights | activations | both
   c.eval.granularity = "tensor"       # tensor | channel (weight steps)
   c.eval.calibration_batches = 1      # batches of the train split for activation steps
   c.eval.chunk = 1                    # grid points vmapped at once; 1 is fastest on CPU
+  c.eval.bias_correction = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
+  c.eval.lapq_images = 512            # method lapq: labelled train images for its calibration loss
+  c.eval.lapq_iterations = 2          # method lapq: Powell iterations (SciPy maxiter)
 
   c.init_from = ""                    # a workdir to fine-tune from (params and batch statistics)
   c.seed = 0

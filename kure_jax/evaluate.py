@@ -28,9 +28,28 @@ def grid_from_config(config: ml_collections.ConfigDict) -> Grid:
   ratios = tuple(sorted({round(float(r), 6) for r in np.linspace(e.ratio_min, e.ratio_max, e.ratio_steps)} | (
       {1.0} if e.ratio_min <= 1.0 <= e.ratio_max else set())))
   bits = tuple(e.bits) if isinstance(e.bits, (tuple, list)) else (e.bits,)
-  return Grid(bits=bits, ratios=ratios, policies=tuple(e.policies), methods=tuple(e.methods),
+  grid = Grid(bits=bits, ratios=ratios, policies=tuple(e.policies), methods=tuple(e.methods),
               targets=tuple(e.targets), granularity=e.granularity,
-              weight_grid=qat.model_kwargs(config).get("weight_grid", "signed")).validate()
+              weight_grid=qat.model_kwargs(config).get("weight_grid", "signed"),
+              bias_correction=e.get("bias_correction", "none")).validate()
+  if "lapq" in grid.methods:
+    for field in ("lapq_images", "lapq_iterations"):
+      v = e.get(field, 1)
+      if not float(v).is_integer() or v < 1:
+        raise UserError(f"config.eval.{field} must be a whole number ≥ 1, got {v}.")
+  return grid
+
+
+def calibration_sample(ds: data_lib.Dataset, n: int, seed: int) -> dict[str, np.ndarray]:
+  """`n` examples drawn at random (by `seed`) from `ds`'s split, eval preprocessing, as one labelled batch.
+
+  Not the first `n`: folder datasets are sorted by class, so a prefix would be one class.
+  """
+  from kure_jax.data import transforms
+
+  idx = np.sort(transforms.epoch_permutation(seed, 0, ds.num_examples)[:n]).astype(np.int64)
+  parts = [ds._batcher.make(idx[i:i + 256], np.ones(len(idx[i:i + 256]), bool), None) for i in range(0, len(idx), 256)]
+  return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "mask")}
 
 
 def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labels: Sequence[str] | None,
@@ -68,7 +87,7 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
     eval_ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False,
                                     seed=config.seed)
     calib_ds = None
-    if any(t != "weights" for t in grid.targets):
+    if any(t != "weights" for t in grid.targets) or "lapq" in grid.methods:
       calib_ds = data_lib.make_dataset(config.dataset, "train", batch_size=config.eval_batch_size, train=False,
                                        seed=config.seed)
   except (ValueError, FileNotFoundError) as e:
@@ -77,10 +96,15 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   rows: list[dict[str, Any]] = []
   for label, (variables, qat_meta) in zip(labels, loaded):
     calibration = None
-    if calib_ds is not None:
+    lapq_kw = {}
+    if "lapq" in grid.methods:  # LAPQ runs inside Sweep, once per bit-width, before the compiled sweep
+      lapq_kw = dict(lapq_calibration=calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
+                     lapq_options={"iterations": int(config.eval.lapq_iterations),
+                                   "progress": progress and jax.process_index() == 0})
+    if any(t != "weights" for t in grid.targets):
       calibration = [calib_ds.get_batch(i)["image"] for i in range(config.eval.calibration_batches)]
     sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, qat=qat_meta,
-                  **kure_selection(config))
+                  **kure_selection(config), **lapq_kw)
     batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())
     bar = None
     if progress and jax.process_index() == 0:

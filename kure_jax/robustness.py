@@ -13,27 +13,37 @@ at a time under `vmap`. One at a time is the default because it is measured fast
 on CPU (benchmarks/sweep.py): each point runs at 1.15× the speed of a float forward
 pass, while `vmap` over points turns every conv into a grouped conv with a batch of
 kernels, which XLA:CPU runs 8× slower. On GPU/TPU a larger chunk may pay; measure.
+
+Base-step method "lapq" (loss-aware PTQ, `kure_jax.lapq`) is not a function of one layer's
+tensor: its steps come from a Powell search over the whole model's calibration loss, run on
+the host before the compiled sweep, once per bit-width of the grid, and enter the compiled
+function as a precomputed table (so LAPQ steps are swept over ratios and policies like any
+other Δ̃). One LAPQ run serves every target of the grid: it quantizes the weights if any target
+quantizes weights and the activations if any target quantizes activations (the widest target),
+so in a grid with 'weights' and 'both' the weight-only points use the weight steps LAPQ found
+together with the activation steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kure_jax import lapq as lapq_lib
 from kure_jax import qat as qat_lib
 from kure_jax import quant as Q
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import select_kernels
-from kure_jax.models.layers import INTERMEDIATES, quant_collection
+from kure_jax.models.layers import BIAS_CORRECTIONS, INTERMEDIATES, quant_collection
 
 POLICIES = ("exact", "pow2_nearest", "pow2_floor", "pow2_ceil")
-METHODS = ("mse", "max", "aciq_gauss", "aciq_laplace", "learned")  # learned: a QAT checkpoint's own steps
+METHODS = ("mse", "max", "aciq_gauss", "aciq_laplace", "learned", "lapq")  # learned: a QAT checkpoint's own steps
 TARGETS = ("weights", "activations", "both")
 GRANULARITIES = ("tensor", "channel")
 
@@ -49,6 +59,7 @@ class Grid:
   targets: tuple[str, ...] = ("weights",)
   granularity: str = "tensor"       # weight steps per tensor or per output channel
   weight_grid: str = "signed"       # must match the model's weight_grid
+  bias_correction: str = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
 
   def validate(self) -> "Grid":
     """Raise UserError (one line) for a setting that cannot work; return self."""
@@ -73,6 +84,7 @@ class Grid:
     choose("targets", self.targets, TARGETS)
     choose("granularity", (self.granularity,), GRANULARITIES)
     choose("weight_grid", (self.weight_grid,), Q.GRIDS)
+    choose("bias_correction", (self.bias_correction,), BIAS_CORRECTIONS)
     return self
 
   def points(self) -> list[dict[str, Any]]:
@@ -132,11 +144,20 @@ class Sweep:
   its quantized layers are scored, DoReFa's weight normalization stays on at every point,
   and the base-step method "learned" rescales its trained steps to each bit-width
   (Δ_k = Δ_b·(2^b − 1)/(2^k − 1)), beside re-optimized ones ("mse", ...).
+
+  Method "lapq" runs LAPQ (`kure_jax.lapq`) here, once per bit-width of the grid, on
+  `lapq_calibration` (labelled batches, e.g. 512 train images) with `lapq_options` (keyword
+  arguments of `Lapq.run`: iterations, ps, max_evals, progress); `lapq_steps` gives
+  precomputed steps instead, {bits: {kernel path: {"w": step, "a": step or None}}} (a bit-width
+  missing there is computed). The results are kept in `lapq_results` ({bits: LapqResult}).
   """
 
   def __init__(self, model, variables: dict, grid: Grid, *, calibration: Iterable[np.ndarray] | None = None,
                include=None, exclude=None, skip_stem: bool = True, skip_head: bool = True,
-               chunk: int = 1, qat: dict[str, Any] | None = None):
+               chunk: int = 1, qat: dict[str, Any] | None = None,
+               lapq_calibration: Mapping | Iterable[Mapping] | None = None,
+               lapq_steps: Mapping[int, Mapping[str, Mapping[str, Any]]] | None = None,
+               lapq_options: Mapping[str, Any] | None = None):
     self.grid = grid.validate()
     self.model = model
     self.variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
@@ -144,6 +165,14 @@ class Sweep:
     self.dorefa = bool(qat) and qat["method"] == "dorefa"
     if "learned" in grid.methods and not qat:
       raise UserError("grid.methods 'learned' needs a QAT checkpoint (trained with quant.method=dorefa or lsq).")
+    if "lapq" in grid.methods:  # checked before anything compiles
+      if lapq_calibration is None and not set(grid.bits) <= {int(b) for b in (lapq_steps or {})}:
+        raise UserError("grid.methods 'lapq' needs labelled calibration data (lapq_calibration: batches with "
+                        "'image' and 'label', e.g. 512 train images) or precomputed lapq_steps for every bit-width.")
+      unknown = set(lapq_options or {}) - {"ps", "iterations", "max_evals", "progress", "chunk_size"}
+      if unknown:
+        raise UserError(f"lapq_options: unknown {', '.join(sorted(unknown))}; use ps, iterations, max_evals, "
+                        "progress, chunk_size.")
     if qat:
       self.paths = list(qat["paths"])
     else:
@@ -175,8 +204,50 @@ class Sweep:
     if chunk < 1:
       raise UserError(f"chunk must be ≥ 1 (grid points evaluated at once), got {chunk}.")
     self.chunk = min(chunk, len(self.points))
+    self.lapq_results: dict[int, lapq_lib.LapqResult] = {}
+    self._lapq = self._lapq_tables(lapq_calibration, lapq_steps, lapq_options) if "lapq" in grid.methods else {}
     self._base_steps = jax.jit(self._compute_base_steps)
     self._score_batch = jax.jit(self._batch_sums)
+
+  def _lapq_tables(self, calibration, given, options) -> dict:
+    """LAPQ's steps for every bit-width as base-step tables {'w'|'a': {path: steps[bits, (C)]}}."""
+    targets = self.grid.targets
+    quantize_w = any(t in ("weights", "both") for t in targets)
+    quantize_a = any(t in ("activations", "both") for t in targets)
+    given = {int(b): v for b, v in (given or {}).items()}
+    missing = [b for b in self.grid.bits if b not in given]
+    options = dict(options or {})
+    chunk_size = options.pop("chunk_size", 128)
+    if missing:
+      runner = lapq_lib.Lapq(self.model, self.variables, calibration, self.paths, quantize_weights=quantize_w,
+                             quantize_acts=quantize_a, granularity=self.grid.granularity,
+                             weight_grid=self.grid.weight_grid, act_grids=self.act_grids or None,
+                             dorefa=self.dorefa, bias_correction=self.grid.bias_correction, chunk_size=chunk_size)
+      self.lapq_runner = runner
+      target = "W{b}/A{b}" if quantize_w and quantize_a else ("A{b}" if quantize_a else "W{b}")
+      for b in missing:
+        res = runner.run(b, desc="LAPQ " + target.format(b=b), **options)
+        self.lapq_results[b] = res
+        given[b] = res.steps
+    w, a = {}, {}
+    for p in self.paths:
+      rows_w, rows_a = [], []
+      for b in self.grid.bits:
+        entry = given[b].get(p)
+        if entry is None:
+          raise UserError(f"lapq_steps[{b}] has no steps for layer {p!r}; give every quantized layer.")
+        step = np.asarray(entry["w"], np.float32)
+        if self.grid.granularity == "channel" and step.ndim == 0:
+          step = np.full(_leaf(self.variables["params"], p).shape[-1], step, np.float32)
+        rows_w.append(step)
+        if self._acts:
+          if entry.get("a") is None:
+            raise UserError(f"lapq_steps[{b}][{p!r}] has no activation step; the grid quantizes activations.")
+          rows_a.append(np.float32(entry["a"]))
+      w[p] = jnp.asarray(np.stack(rows_w))
+      if self._acts:
+        a[p] = jnp.asarray(np.stack(rows_a))
+    return {"w": w, "a": a}
 
   # -- inside the compiled functions ---------------------------------------------------
 
@@ -184,7 +255,7 @@ class Sweep:
     """The quant entries every point carries: DoReFa's tanh normalization of the weights."""
     return quant_collection(None, {p: {"w_tanh": jnp.asarray(True)} for p in self.paths})
 
-  def _compute_base_steps(self, params: dict, acts: dict, bits: jax.Array) -> dict:
+  def _compute_base_steps(self, params: dict, acts: dict, bits: jax.Array, lapq: dict) -> dict:
     """{'w'|'a': {path: steps[method, bits, (C)]}}: Δ̃ for every layer, method and bit-width."""
     kernels = {p: _leaf(params, p) for p in self.paths}
     if self.dorefa:  # the weights DoReFa quantizes are the normalized ones
@@ -195,11 +266,15 @@ class Sweep:
       if m == "learned":
         s = qat_lib.rescale_step(self._learned[p]["w"], self.qat["w_bits"], bits)
         return s[:, None] * jnp.ones(k.shape[-1]) if axis is not None else s
+      if m == "lapq":
+        return lapq["w"][p]
       return jax.vmap(lambda b: _method_fn(m)(k, b, self.grid.weight_grid, axis=axis))(bits)
 
     def act_steps(p, v, m):
       if m == "learned":
         return qat_lib.rescale_step(self._learned[p]["a"], self.qat["a_bits"] or self.qat["w_bits"], bits)
+      if m == "lapq":
+        return lapq["a"][p]
       return jax.vmap(lambda b: _method_fn(m)(v, b, self.act_grids[p]))(bits)
 
     w = {p: jnp.stack([weight_steps(p, k, m) for m in self.grid.methods]) for p, k in kernels.items()}
@@ -213,6 +288,8 @@ class Sweep:
       entry = {"w_bits": jnp.where(pt["w_on"], pt["bits"], 0), "w_step": w_step}
       if self.dorefa:
         entry["w_tanh"] = jnp.asarray(True)
+      if self.grid.bias_correction != "none":
+        entry["w_bias_corr"] = jnp.asarray(BIAS_CORRECTIONS.index(self.grid.bias_correction))
       if p in base["a"]:
         a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * pt["ratio"], pt["policy"])
         entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
@@ -232,14 +309,15 @@ class Sweep:
 
   def _placed_like(self, batch: dict) -> tuple[dict, dict, dict]:
     sharding = getattr(batch["image"], "sharding", None)
-    variables, acts, arrays = self.variables, self._acts, self._arrays
+    variables, acts, arrays, lapq = self.variables, self._acts, self._arrays, self._lapq
     if isinstance(sharding, jax.sharding.NamedSharding):
       rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-      variables, acts, arrays = jax.device_put((variables, acts, arrays), rep)
-    return variables, self._base_steps(variables["params"], acts, self._bits), arrays
+      variables, acts, arrays, lapq = jax.device_put((variables, acts, arrays, lapq), rep)
+    return variables, self._base_steps(variables["params"], acts, self._bits, lapq), arrays
 
   def base_steps(self) -> dict:
-    return self._base_steps(self.variables["params"], self._acts, self._bits)
+    """{'w'|'a': {path: Δ̃[method, bits, (C)]}}: the base steps of every layer, method and bit-width."""
+    return self._base_steps(self.variables["params"], self._acts, self._bits, self._lapq)
 
   def score(self, batches: Iterable[dict], progress: Callable | None = None) -> list[dict[str, Any]]:
     """Run every batch once through the compiled scorer; rows of the grid with metrics."""

@@ -8,6 +8,9 @@ can sweep them):
   w_bits, w_step   weight bit-width and step (scalar, or per output channel)
   a_bits, a_step   input-activation bit-width and step (scalar)
   w_tanh           optional: normalize the kernel to tanh(w)/max|tanh w| first (DoReFa)
+  w_bias_corr      optional: bias correction of the quantized kernel per output channel
+                   (0 none, 1 restore the float mean, 2 restore the float mean and std;
+                   see `bias_correct`)
 
 A bit-width of 0 means "leave in float", so a vmapped sweep can switch weight or
 activation quantization on and off without recompiling. What is static (the grid,
@@ -43,6 +46,24 @@ def _maybe_quantize(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -
   return jnp.where(bits > 0, q, x)
 
 
+BIAS_CORRECTIONS = ("none", "mean", "mean_std")  # index = the value of 'w_bias_corr'
+
+
+def bias_correct(q: jax.Array, w: jax.Array, mode: jax.Array | int) -> jax.Array:
+  """Per output channel (the last axis), give the quantized kernel `q` the float kernel's mean (mode 1), or
+  its mean and std (mode 2): ``(q − μ_q)·σ_w/σ_q + μ_w`` (Banner et al. 2019's bias correction; σ_q = 0 keeps
+  the scale). `mode` may be traced (0 returns q), so a sweep can switch it without recompiling.
+  """
+  red = tuple(range(q.ndim - 1))
+  qf, wf = Q._f32(q), Q._f32(w)
+  mu_q, mu_w = jnp.mean(qf, axis=red), jnp.mean(wf, axis=red)
+  sd_q, sd_w = jnp.std(qf, axis=red), jnp.std(wf, axis=red)
+  mode = jnp.asarray(mode)
+  scale = jnp.where((mode >= 2) & (sd_q > 0), sd_w / jnp.where(sd_q > 0, sd_q, 1.0), 1.0)
+  corrected = (qf - mu_q) * scale + mu_w
+  return jnp.where(mode > 0, corrected, qf).astype(q.dtype)
+
+
 def quant_hook(mdl: nn.Module, x: jax.Array, kernel: jax.Array, *, weight_grid: str, act_grid: str) -> tuple[jax.Array, jax.Array]:
   """Route a layer's input and kernel through the quantizers named in the 'quant' collection."""
   if mdl.is_mutable_collection(INTERMEDIATES):
@@ -51,7 +72,12 @@ def quant_hook(mdl: nn.Module, x: jax.Array, kernel: jax.Array, *, weight_grid: 
     kernel = jnp.where(mdl.get_variable(QUANT, "w_tanh"), Q.tanh_normalize(kernel), kernel)
   if mdl.has_variable(QUANT, "w_bits"):
     w_step = mdl.get_variable(QUANT, "w_step")  # () or (C_out,), broadcasts along the last axis
-    kernel = _maybe_quantize(kernel, w_step, mdl.get_variable(QUANT, "w_bits"), weight_grid)
+    w_bits = mdl.get_variable(QUANT, "w_bits")
+    quantized = _maybe_quantize(kernel, w_step, w_bits, weight_grid)
+    if mdl.has_variable(QUANT, "w_bias_corr"):  # only where the kernel is quantized (bits > 0)
+      mode = jnp.where(jnp.asarray(w_bits) > 0, mdl.get_variable(QUANT, "w_bias_corr"), 0)
+      quantized = bias_correct(quantized, kernel, mode)
+    kernel = quantized
   if mdl.has_variable(QUANT, "a_bits"):
     x = _maybe_quantize(x, mdl.get_variable(QUANT, "a_step"), mdl.get_variable(QUANT, "a_bits"), act_grid)
   return x, kernel
