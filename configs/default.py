@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.targets = ("weights",)       # weights | activations | both
   c.eval.granularity = "tensor"       # tensor | channel (weight steps)
   c.eval.calibration_batches = 1      # batches of the train split for activation steps
+  c.eval.fold_bn = False              # fold BatchNorm into the conv kernels before quantizing them
   c.eval.chunk = 1                    # grid points vmapped at once; 1 is fastest on CPU
   c.eval.bias_correction = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
   c.eval.lapq_images = 512            # method lapq: labelled train images for its calibration loss

@@ -15,6 +15,7 @@ from kure_jax import models as models_lib
 from kure_jax import qat, report, sharding
 from kure_jax.checkpoint import check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
+from kure_jax.folding import fold_batchnorm
 from kure_jax.robustness import Grid, Sweep
 from kure_jax.train import kure_selection
 
@@ -82,6 +83,9 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
                       f"{qat.method(config)!r}; score it with its own config (--config.quant.method={trained}).")
     if "learned" in grid.methods and trained == "none":
       raise UserError(f"--checkpoint {path}: eval.methods 'learned' needs a QAT checkpoint; drop it for float ones.")
+    if config.eval.get("fold_bn", False) and trained != "none":
+      raise UserError(f"--checkpoint {path}: eval.fold_bn applies to float checkpoints; a QAT model was trained "
+                      "on unfolded kernels (drop --config.eval.fold_bn).")
     loaded.append((variables, meta.get("quant")))
   try:
     eval_ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False,
@@ -101,8 +105,12 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
       lapq_kw = dict(lapq_calibration=calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
                      lapq_options={"iterations": int(config.eval.lapq_iterations),
                                    "progress": progress and jax.process_index() == 0})
-    if any(t != "weights" for t in grid.targets):
-      calibration = [calib_ds.get_batch(i)["image"] for i in range(config.eval.calibration_batches)]
+    if any(t != "weights" for t in grid.targets):  # a random sample of the train split, not its first (one-class) batches
+      bs = int(config.eval_batch_size)
+      sample = calibration_sample(calib_ds, int(config.eval.calibration_batches) * bs, config.seed + 1)["image"]
+      calibration = [sample[i:i + bs] for i in range(0, len(sample), bs)]
+    if config.eval.get("fold_bn", False):  # quantize what an accelerator would: W·γ/√(σ²+ε)
+      variables = fold_batchnorm(model, variables, (size, size, 3))
     sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, qat=qat_meta,
                   **kure_selection(config), **lapq_kw)
     batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())

@@ -124,3 +124,15 @@ def test_four_devices_score_like_one(trained, tmp_path):
   np.testing.assert_allclose([row["loss"] for row in four], [row["loss"] for row in one], rtol=1e-5)
   assert len({row["top1"] for row in one}) > 1  # the grid points differ: the comparison is informative
   assert all(row["count"] == 24 for row in cli) and len(cli) == 2 * 3 * 2 * 2
+
+
+def test_fold_bn_option(trained, tmp_path):
+  folder, workdir = trained
+  kw = {"eval.bits": (16, 2), "eval.ratio_min": 1.0, "eval.ratio_max": 1.0, "eval.ratio_steps": 1,
+        "eval.policies": ("exact",), "eval.targets": ("both",)}
+  plain = run_eval(eval_config(folder, **kw), [workdir], None, str(tmp_path / "a"), progress=False)
+  folded = run_eval(eval_config(folder, **kw, **{"eval.fold_bn": True}), [workdir], None, str(tmp_path / "b"),
+                    progress=False)
+  assert plain[0]["bits"] == folded[0]["bits"] == 16
+  assert folded[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-3)   # 16 bits: the same (folded) float model
+  assert folded[1]["loss"] != plain[1]["loss"]                             # 2 bits: the folded kernels quantize otherwise
