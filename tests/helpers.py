@@ -23,3 +23,14 @@ def write_class_folders(root: Path, classes: int = 2, per_class: dict | None = N
         img = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(d / f"{i:03d}.png")
   return root
+
+
+def override(config, overrides: dict):
+  """Set dotted fields ('schedule.learning_rate': 0.01) of a ConfigDict; returns it."""
+  for k, v in overrides.items():
+    node = config
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config

@@ -17,7 +17,7 @@ from kure_jax.metrics import read_metrics
 from kure_jax.models.layers import QDense
 from kure_jax.robustness import Grid, Sweep
 from kure_jax.train import train_and_evaluate, validate_config
-from tests.helpers import SHARED_CIFAR10
+from tests.helpers import SHARED_CIFAR10, override
 from tests.test_train import tiny_config, write_class_folders
 
 
@@ -231,13 +231,7 @@ def test_real_cifar10_qat_w2_beats_ptq_w2(tmp_path):
     c.batch_size, c.eval_batch_size, c.num_epochs = 64, 1000, 1
     c.schedule.warmup_epochs, c.schedule.name = 0.0, "constant"
     c.log_every_steps, c.checkpoint_every_steps, c.progress = 50, 10_000, False
-    for k, v in kw.items():
-      node = c
-      *parents, leaf = k.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
-    return c
+    return override(c, kw)
 
   float_dir, qat_dir = str(tmp_path / "float"), str(tmp_path / "qat")
   train_and_evaluate(config(max_steps=250, **{"schedule.learning_rate": 0.05}), float_dir)

@@ -22,7 +22,7 @@ from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
 from kure_jax.metrics import read_metrics
 from kure_jax.train import train_and_evaluate
-from tests.helpers import REPO
+from tests.helpers import REPO, override
 
 try:
   import torch
@@ -265,13 +265,7 @@ def mock_imagenet_config(**overrides):
   c.num_epochs, c.max_steps = 1, 2
   c.log_every_steps, c.progress = 1, False
   c.init_from = ""
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, overrides)
 
 
 def run_on_mock_imagenet(config, workdir):

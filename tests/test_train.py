@@ -17,7 +17,7 @@ from kure_jax.checkpoint import Checkpointer, load_variables
 from kure_jax.errors import UserError
 from kure_jax.metrics import read_metrics
 from kure_jax.train import train_and_evaluate
-from tests.helpers import REPO, SHARED_CIFAR10, write_class_folders
+from tests.helpers import REPO, SHARED_CIFAR10, override, write_class_folders
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +37,7 @@ def tiny_config(data_dir, **overrides):
   c.schedule.warmup_epochs = 0.0
   c.progress = False
   c.log_every_steps = 2
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, overrides)
 
 
 CLI = [sys.executable, "train.py", "--config", "configs/cifar10_resnet20.py"]
