@@ -136,8 +136,8 @@ def lsq_qp(bits: jax.Array | int, grid: str) -> jax.Array:
 
 def lsq_scale(n: int, bits: int, grid: str) -> float:
   """LSQ's gradient scale g = 1/√(N·Q_P) (a static number: N and the bits are known when tracing)."""
-  qp = {"signed": 2 ** (bits - 1) - 1, "narrow": 2 ** (bits - 1) - 1, "midrise": 2 ** (bits - 1) - 0.5,
-        "unsigned": 2 ** bits - 1}[grid]
+  with jax.ensure_compile_time_eval():  # a Python number even while a train step is being traced
+    qp = float(lsq_qp(bits, grid))
   return float(1.0 / np.sqrt(n * qp))
 
 
@@ -168,11 +168,10 @@ def quant_for_training(spec: QatSpec, qsteps: dict, weight_grid: str = "signed")
   layers = {}
   for p in spec.paths:
     if spec.method == "dorefa":
-      w_step, a_step = dorefa_steps(spec.w_bits)
-      entry = {"w_bits": jnp.asarray(spec.w_bits), "w_step": w_step, "w_tanh": jnp.asarray(True)}
+      entry = {"w_bits": jnp.asarray(spec.w_bits), "w_step": dorefa_steps(spec.w_bits)[0],
+               "w_tanh": jnp.asarray(True)}
       if spec.a_bits:
-        a_step = dorefa_steps(spec.a_bits)[1]
-        entry.update(a_bits=jnp.asarray(spec.a_bits), a_step=a_step)
+        entry.update(a_bits=jnp.asarray(spec.a_bits), a_step=dorefa_steps(spec.a_bits)[1])
     else:
       s = qsteps[p]
       w_step = Q.grad_scale(jnp.maximum(s["w_step"], MIN_STEP), lsq_scale(spec.w_counts[p], spec.w_bits, weight_grid))

@@ -198,12 +198,13 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
 
   def step_fn(state: State, batch: dict) -> tuple[State, dict]:
     dropout_key = jax.random.fold_in(base_key, state["step"])
+    learned_steps = bool(state.get("qsteps"))  # LSQ: the steps train with the params
 
     def loss_fn(train_vars):
-      params = train_vars["params"] if "qsteps" in state and state["qsteps"] else train_vars
+      params = train_vars["params"] if learned_steps else train_vars
       quant = {}
       if spec is not None and spec.method != "none":
-        qsteps = train_vars["qsteps"] if params is not train_vars else {}
+        qsteps = train_vars["qsteps"] if learned_steps else {}
         quant = {"quant": qat.quant_for_training(spec, qsteps, weight_grid)}
 
       def task_loss(p):
@@ -237,7 +238,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
     if lam_g > 0:
       metrics["grad_l1"] = grad_l1
     new_state = {**state, "step": state["step"] + 1, "batch_stats": batch_stats, "opt_state": opt_state}
-    if "qsteps" in state and state["qsteps"]:
+    if learned_steps:
       new_state.update(params=new["params"], qsteps=new["qsteps"])
     else:
       new_state["params"] = new
