@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.bias_correction = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
   c.eval.lapq_images = 512            # method lapq: labelled train images for its calibration loss
   c.eval.lapq_iterations = 2          # method lapq: Powell iterations (SciPy maxiter)
+  c.eval.lapq_max_evals = config_dict.placeholder(int)  # method lapq: optional cap on loss evaluations (SciPy maxfev)
 
   c.init_from = ""                    # a workdir to fine-tune from (params and batch statistics)
   c.seed = 0

@@ -34,9 +34,9 @@ def grid_from_config(config: ml_collections.ConfigDict) -> Grid:
               weight_grid=qat.model_kwargs(config).get("weight_grid", "signed"),
               bias_correction=e.get("bias_correction", "none")).validate()
   if "lapq" in grid.methods:
-    for field in ("lapq_images", "lapq_iterations"):
+    for field in ("lapq_images", "lapq_iterations", "lapq_max_evals"):
       v = e.get(field, 1)
-      if not float(v).is_integer() or v < 1:
+      if v is not None and (not float(v).is_integer() or v < 1):
         raise UserError(f"config.eval.{field} must be a whole number ≥ 1, got {v}.")
   return grid
 
@@ -98,12 +98,14 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
     raise UserError(str(e)) from e
 
   rows: list[dict[str, Any]] = []
+  lapq_log: dict[str, dict[int, dict[str, Any]]] = {}
   for label, (variables, qat_meta) in zip(labels, loaded):
     calibration = None
     lapq_kw = {}
     if "lapq" in grid.methods:  # LAPQ runs inside Sweep, once per bit-width, before the compiled sweep
       lapq_kw = dict(lapq_calibration=calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
                      lapq_options={"iterations": int(config.eval.lapq_iterations),
+                                   "max_evals": config.eval.get("lapq_max_evals"),
                                    "progress": progress and jax.process_index() == 0})
     if any(t != "weights" for t in grid.targets):  # a random sample of the train split, not its first (one-class) batches
       bs = int(config.eval_batch_size)
@@ -120,10 +122,16 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
       bar = lambda it: tqdm(it, total=eval_ds.steps_per_epoch, desc=f"{label}: {len(sweep.points)} settings", leave=False)
     for r in sweep.score(batches, progress=bar):
       rows.append({"checkpoint": label, **r})
+    if sweep.lapq_results:
+      lapq_log[label] = {b: {"p_star": r.p_star, "p_losses": r.p_losses, "init_loss": r.init_loss, "loss": r.loss,
+                             "evaluations": r.evaluations, "seconds": round(r.seconds, 1)}
+                         for b, r in sweep.lapq_results.items()}
 
   if jax.process_index() == 0:
     meta = {"model": config.model, "dataset": config.dataset.name, "checkpoints": dict(zip(labels, checkpoints)),
             "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(grid).items()}}
+    if lapq_log:  # LAPQ's calibration loss: Lp start → Powell, per checkpoint and bit-width
+      meta["lapq"] = lapq_log
     report.write_tables(rows, out_dir, meta)
     report.plot_all(rows, out_dir, title=f"{config.model} on {config.dataset.name}: robustness to the quantizer")
   return rows

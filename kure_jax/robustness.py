@@ -237,8 +237,14 @@ class Sweep:
         if entry is None:
           raise UserError(f"lapq_steps[{b}] has no steps for layer {p!r}; give every quantized layer.")
         step = np.asarray(entry["w"], np.float32)
+        channels = _leaf(self.variables["params"], p).shape[-1]
         if self.grid.granularity == "channel" and step.ndim == 0:
-          step = np.full(_leaf(self.variables["params"], p).shape[-1], step, np.float32)
+          step = np.full(channels, step, np.float32)
+        expected = (channels,) if self.grid.granularity == "channel" else ()
+        if step.shape != expected:
+          raise UserError(f"lapq_steps[{b}][{p!r}]['w'] has shape {step.shape}, but granularity "
+                          f"{self.grid.granularity!r} needs {expected or 'a scalar'}; compute the steps "
+                          "with the grid's granularity.")
         rows_w.append(step)
         if self._acts:
           if entry.get("a") is None:

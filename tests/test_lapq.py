@@ -1,5 +1,6 @@
 """LAPQ (loss-aware PTQ) and bias correction of quantized weights."""
 
+import functools
 import json
 import time
 
@@ -140,6 +141,15 @@ def test_lapq_user_errors(small, kw, message):
     Sweep(model, variables, Grid(bits=(2, 3), methods=("lapq",)), **kw)
 
 
+def test_lapq_steps_of_another_granularity(small):
+  model, variables, _, _ = small
+  paths = Sweep(model, variables, Grid(bits=(2,), methods=("mse",))).paths
+  leaf = lambda p: functools.reduce(lambda d, k: d[k], p.split("/"), variables["params"])
+  per_channel = {2: {p: {"w": np.ones(leaf(p).shape[-1], np.float32)} for p in paths}}
+  with pytest.raises(UserError, match="granularity 'tensor' needs a scalar"):
+    Sweep(model, variables, Grid(bits=(2,), methods=("lapq",)), lapq_steps=per_channel)
+
+
 def test_lapq_bad_arguments(small):
   model, variables, batches, paths = small
   with pytest.raises(UserError, match="iterations must be ≥ 1"):
@@ -252,7 +262,7 @@ def test_run_eval_with_lapq(tmp_path):
   workdir = str(tmp_path / "run")
   train_and_evaluate(tiny_config(folder, max_steps=4), workdir)
   c = eval_config(folder, **{"eval.methods": ("mse", "lapq"), "eval.lapq_images": 40, "eval.lapq_iterations": 1,
-                             "eval.bias_correction": "mean"})
+                             "eval.lapq_max_evals": 12, "eval.bias_correction": "mean"})
   rows = run_eval(c, [workdir], ["r"], str(tmp_path / "out"), progress=False)
   assert len(rows) == 2 * (2 * 3 * 2 * 2)  # methods × bits × ratios × policies × targets
   assert all(r["count"] == 24 for r in rows)
@@ -264,6 +274,11 @@ def test_run_eval_with_lapq(tmp_path):
   assert any(abs(r["loss"] - mse[key(r)]) > 1e-6 for r in lapq_rows)
   meta = json.loads((tmp_path / "out" / "robustness.json").read_text())["meta"]
   assert meta["grid"]["methods"] == ["mse", "lapq"] and meta["grid"]["bias_correction"] == "mean"
-  for field, value in (("eval.lapq_images", 0), ("eval.lapq_iterations", 0)):
+  log = meta["lapq"]["r"]  # per bit-width: the Lp start and Powell's result, never worse
+  assert sorted(int(b) for b in log) == [2, 8]  # the grid's bits
+  for v in log.values():
+    assert v["loss"] <= v["init_loss"] and 2.0 <= v["p_star"] <= 3.0
+    assert v["evaluations"] <= 12 + 20  # capped (SciPy checks maxfev between line searches)
+  for field, value in (("eval.lapq_images", 0), ("eval.lapq_iterations", 0), ("eval.lapq_max_evals", 0)):
     with pytest.raises(UserError, match=f"config.{field} must be a whole number ≥ 1"):
       run_eval(eval_config(folder, **{"eval.methods": ("lapq",), field: value}), [workdir], None, str(tmp_path))
