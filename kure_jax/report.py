@@ -61,9 +61,8 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> dict[str, str]:
   """accuracy_vs_ratio.png, accuracy_vs_bits.png and pow2.png in `out_dir`."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib import colormaps
+  from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) stays as it is
 
   os.makedirs(out_dir, exist_ok=True)
   checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
@@ -71,10 +70,11 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> d
   bits = sorted({r["bits"] for r in rows})
   method = rows[0]["method"]
   styles = ["-", "--", ":", "-."]
-  colors = plt.cm.viridis([i / max(len(bits) - 1, 1) for i in range(len(bits))])
+  colors = colormaps["viridis"]([i / max(len(bits) - 1, 1) for i in range(len(bits))])
   out = {}
 
-  fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.6), squeeze=False)
+  fig = Figure(figsize=(6.5 * len(targets), 4.6))
+  axes = fig.subplots(1, len(targets), squeeze=False)
   for ax, target in zip(axes[0], targets):
     for ci, ck in enumerate(checkpoints):
       for bi, b in enumerate(bits):
@@ -92,9 +92,9 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> d
   fig.tight_layout()
   out["ratio"] = os.path.join(out_dir, "accuracy_vs_ratio.png")
   fig.savefig(out["ratio"], dpi=110)
-  plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(6.5, 4.6))
+  fig = Figure(figsize=(6.5, 4.6))
+  ax = fig.subplots()
   for ci, ck in enumerate(checkpoints):
     for ti, target in enumerate(targets):
       pts = []
@@ -110,11 +110,11 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> d
   fig.tight_layout()
   out["bits"] = os.path.join(out_dir, "accuracy_vs_bits.png")
   fig.savefig(out["bits"], dpi=110)
-  plt.close(fig)
 
   policies = list(dict.fromkeys(r["policy"] for r in rows))
   if len(policies) > 1:
-    fig, axes = plt.subplots(1, len(targets), figsize=(6.5 * len(targets), 4.6), squeeze=False)
+    fig = Figure(figsize=(6.5 * len(targets), 4.6))
+    axes = fig.subplots(1, len(targets), squeeze=False)
     width = 0.8 / (len(checkpoints) * len(policies))
     for ax, target in zip(axes[0], targets):
       k = 0
@@ -134,5 +134,4 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> d
     fig.tight_layout()
     out["pow2"] = os.path.join(out_dir, "pow2.png")
     fig.savefig(out["pow2"], dpi=110)
-    plt.close(fig)
-  return out
+    return out
