@@ -66,6 +66,11 @@ if [[ $stage == all || $stage == eval ]]; then
       --config.eval.bits="(2,3,4)" --config.eval.methods="('lapq',)" --config.eval.targets="('weights',)"
   evaluate lapq_both "baseline kure grad_l1" "${at_ratio_1[@]}" "${exact[@]}" \
       --config.eval.bits="(3,4)" --config.eval.methods="('lapq',)" --config.eval.targets="('both',)"
+  # LAPQ at W6/W5 and 6/6, 5/5 (the rest of the paper's table), baseline and KURE
+  evaluate lapq_weights_hi "baseline kure" "${at_ratio_1[@]}" "${exact[@]}" \
+      --config.eval.bits="(5,6)" --config.eval.methods="('lapq',)" --config.eval.targets="('weights',)"
+  evaluate lapq_both_hi "baseline kure" "${at_ratio_1[@]}" "${exact[@]}" \
+      --config.eval.bits="(5,6)" --config.eval.methods="('lapq',)" --config.eval.targets="('both',)"
   # step-size error: Δ = ratio · Δ̃(MSE), 21 ratios 0.5…1.5
   evaluate ratio "baseline kure" "${exact[@]}" --config.eval.bits="(2,3,4)" --config.eval.methods="('mse',)" \
       --config.eval.targets="('weights',)" --config.eval.ratio_min=0.5 --config.eval.ratio_max=1.5 \

@@ -71,13 +71,22 @@ def main(runs: str, float_dir: str, dest: str) -> str:
   with open(os.path.join(dest, "models.json"), "w") as f:
     json.dump(summary, f, indent=1)
 
-  evals = {n: _rows(runs, n) for n in ("ptq_weights", "ptq_both", "lapq_weights", "lapq_both", "ratio", "pow2")}
-  for n in evals:  # the raw CSVs and eval.py's own plots next to the tables
-    src = os.path.join(runs, f"eval_{n}")
-    if os.path.isdir(src):
-      for f in os.listdir(src):
-        if f.endswith((".csv", ".png")):
-          shutil.copy(os.path.join(src, f), os.path.join(dest, f"{n}_{f.replace('robustness.', '')}"))
+  evals = {n: _rows(runs, n) for n in ("ptq_weights", "ptq_both", "lapq_weights", "lapq_both", "lapq_weights_hi",
+                                        "lapq_both_hi", "ratio", "pow2")}
+  lapq = {}
+  for n in evals:  # the raw rows next to the tables (the plots below draw them together)
+    src = os.path.join(runs, f"eval_{n}", "robustness.csv")
+    if os.path.exists(src):
+      shutil.copy(src, os.path.join(dest, f"{n}.csv"))
+      meta = {}
+      if os.path.exists(src.replace(".csv", ".json")):
+        with open(src.replace(".csv", ".json")) as f:
+          meta = json.load(f).get("meta", {})
+      if meta.get("lapq"):  # LAPQ's calibration record: p*, loss before/after Powell, evaluations, seconds
+        lapq[n] = meta["lapq"]
+  if lapq:
+    with open(os.path.join(dest, "lapq.json"), "w") as f:
+      json.dump(lapq, f, indent=1)
 
   out = []
   # 1. kurtosis and float accuracy
@@ -95,10 +104,10 @@ def main(runs: str, float_dir: str, dest: str) -> str:
             label=f"{MODELS.get(m, 'float (start)')}: mean {s['kurtosis_mean']:.2f}")
   ax.axhline(1.8, color="k", ls="--", lw=0.8, label="uniform (1.8)")
   ax.axhline(3.0, color="k", ls=":", lw=0.8, label="Gaussian (3.0)")
-  ax.set_xticks(range(len(names)), [n.replace("/conv", ".") for n in names], rotation=60, fontsize=7)
+  ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
   ax.set_ylabel("kurtosis of the kernel")
   ax.set_title("ResNet-20 on CIFAR-10: kurtosis per regularized layer")
-  ax.legend(fontsize=7, ncol=2)
+  ax.legend(fontsize=7, ncol=3, loc="center", bbox_to_anchor=(0.5, 0.72))
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(os.path.join(dest, "kurtosis.png"), dpi=120)
@@ -108,14 +117,15 @@ def main(runs: str, float_dir: str, dest: str) -> str:
   wbits, abits = (8, 6, 5, 4, 3, 2), (6, 5, 4, 3)
   header = ["model (steps)", "FP"] + [f"{b}/FP" for b in wbits] + [f"{b}/{b}" for b in abits]
   body = []
-  for method, wrows, brows in (("MSE", evals["ptq_weights"], evals["ptq_both"]),
-                               ("LAPQ", evals["lapq_weights"], evals["lapq_both"])):
+  for method, rows in (("MSE", evals["ptq_weights"] + evals["ptq_both"]),
+                       ("LAPQ", evals["lapq_weights"] + evals["lapq_weights_hi"] + evals["lapq_both"]
+                        + evals["lapq_both_hi"])):
     for m in ("baseline", "kure", "grad_l1"):
-      if m not in summary or not (wrows or brows):
+      if m not in summary or not any(r["checkpoint"] == m for r in rows):
         continue
       body.append([f"{MODELS[m]} ({method})", f"{summary[m]['top1']:.1f}"]
-                  + [_fmt(_pick(wrows, checkpoint=m, bits=b, ratio=1.0)) for b in wbits]
-                  + [_fmt(_pick(brows, checkpoint=m, bits=b, ratio=1.0)) for b in abits])
+                  + [_fmt(_pick(rows, checkpoint=m, bits=b, ratio=1.0, target="weights")) for b in wbits]
+                  + [_fmt(_pick(rows, checkpoint=m, bits=b, ratio=1.0, target="both")) for b in abits])
   out.append("### Post-training quantization (top-1 %, weights/activations bits)\n\n" + _table(header, body))
 
   # 3. power-of-two steps
@@ -130,6 +140,23 @@ def main(runs: str, float_dir: str, dest: str) -> str:
                 for p in ("pow2_nearest", "pow2_floor", "pow2_ceil")]
       body.append(row)
     out.append("### Power-of-two steps (MSE step Δ̃ rounded to 2^N; weights only)\n\n" + _table(header, body))
+    policies = {"exact": "exact Δ̃", "pow2_nearest": "2^N nearest", "pow2_floor": "2^N down", "pow2_ceil": "2^N up"}
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.1
+    for i, (m, p) in enumerate((m, p) for m in ("baseline", "kure") for p in policies):
+      rows = evals["ptq_weights"] if p == "exact" else evals["pow2"]
+      vals = [_pick(rows, checkpoint=m, bits=b, policy=p) or 0.0 for b in (2, 3, 4)]
+      ax.bar([j + (i - 3.5) * width for j in range(3)], vals, width, color=COLORS[m],
+             alpha=(1.0, 0.75, 0.5, 0.3)[i % 4], edgecolor="k", lw=0.4, hatch=("", "", "//", "..")[i % 4],
+             label=f"{MODELS[m]}, {policies[p]}")
+    ax.set_xticks(range(3), ["W2", "W3", "W4"])
+    ax.set_ylabel("top-1 %")
+    ax.set_title("Power-of-two steps: Δ̃(MSE) rounded to 2^N in every layer (weights only)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(dest, "pow2.png"), dpi=120)
+    plt.close(fig)
 
   # 4. step-size error
   if evals["ratio"]:
@@ -151,7 +178,8 @@ def main(runs: str, float_dir: str, dest: str) -> str:
       ax.set_xlabel("step ratio Δ / Δ̃(MSE)")
       ax.set_ylabel("top-1 %")
       ax.grid(alpha=0.3)
-      ax.legend(fontsize=8)
+      if ax.lines:
+        ax.legend(fontsize=8)
     fig.suptitle("ResNet-20 on CIFAR-10: accuracy under step-size error")
     fig.tight_layout()
     fig.savefig(os.path.join(dest, "step_ratio.png"), dpi=120)
@@ -170,6 +198,7 @@ def main(runs: str, float_dir: str, dest: str) -> str:
     for m in ab:
       ax.plot(bits, [_pick(evals["ptq_weights"], checkpoint=m, bits=b) for b in bits], "o-", color=COLORS[m],
               label=f"{MODELS[m]} (kurtosis {summary[m]['kurtosis_mean']:.2f})")
+    ax.set_xticks(bits)
     ax.set_xlabel("weight bits")
     ax.set_ylabel("top-1 %")
     ax.set_title("Kurtosis target vs PTQ accuracy (MSE steps)")
