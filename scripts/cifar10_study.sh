@@ -66,9 +66,9 @@ if [[ $stage == all || $stage == eval ]]; then
       --config.eval.bits="(2,3,4)" --config.eval.methods="('lapq',)" --config.eval.targets="('weights',)"
   evaluate lapq_both "baseline kure grad_l1" "${at_ratio_1[@]}" "${exact[@]}" \
       --config.eval.bits="(3,4)" --config.eval.methods="('lapq',)" --config.eval.targets="('both',)"
-  # LAPQ at W6/W5 and 6/6, 5/5 (the rest of the paper's table), baseline and KURE
+  # LAPQ at W8/W6/W5 and 6/6, 5/5 (the rest of the paper's table), baseline and KURE
   evaluate lapq_weights_hi "baseline kure" "${at_ratio_1[@]}" "${exact[@]}" \
-      --config.eval.bits="(5,6)" --config.eval.methods="('lapq',)" --config.eval.targets="('weights',)"
+      --config.eval.bits="(5,6,8)" --config.eval.methods="('lapq',)" --config.eval.targets="('weights',)"
   evaluate lapq_both_hi "baseline kure" "${at_ratio_1[@]}" "${exact[@]}" \
       --config.eval.bits="(5,6)" --config.eval.methods="('lapq',)" --config.eval.targets="('both',)"
   # step-size error: Δ = ratio · Δ̃(MSE), 21 ratios 0.5…1.5
