@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
   c.num_epochs = 1
   c.max_steps = config_dict.placeholder(int)  # optional cap on the number of steps
+  c.dtype = "float32"                 # training compute: float32 | bfloat16 (mixed precision: params, optimizer,
+                                      # BatchNorm statistics, kurtosis and loss stay float32)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"

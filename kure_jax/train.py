@@ -33,6 +33,7 @@ from kure_jax.kurtosis import REDUCTIONS, kure_penalty, kurtosis, kurtosis_by_la
 from kure_jax.metrics import MetricWriter
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 REGULARIZERS = ("kure", "grad_l1")
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -59,6 +60,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("num_epochs", f"must be > 0, got {config.num_epochs}.")
   if config.get("max_steps") is not None and config.max_steps <= 0:
     bad("max_steps", f"must be > 0 (or unset for no cap), got {config.max_steps}.")
+  if config.get("dtype", "float32") not in COMPUTE_DTYPES:
+    bad("dtype", f"is {config.dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}.")
   if config.optimizer.name not in OPTIMIZERS:
     bad("optimizer.name", f"is {config.optimizer.name!r}; choose one of {', '.join(OPTIMIZERS)}.")
   if config.optimizer.weight_decay < 0:
@@ -355,7 +358,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps = min(total_steps, int(config.max_steps))
 
   model_kwargs = qat.model_kwargs(config)
+  if config.get("dtype", "float32") != "float32":  # mixed precision: compute in bfloat16, params stay float32
+    model_kwargs["dtype"] = jnp.dtype(config.dtype)
   model = models_lib.get_model(config.model, config.dataset.num_classes, **model_kwargs)
+  eval_model = models_lib.get_model(  # the epoch-end evaluation is float32, whatever the training compute
+      config.model, config.dataset.num_classes, **{k: v for k, v in model_kwargs.items() if k != "dtype"})
   weight_grid = model_kwargs.get("weight_grid", "signed")
   schedule = make_schedule(config, steps_per_epoch, total_steps)
   lsq = qat.method(config) == "lsq"
@@ -394,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   train_step = jax.jit(make_train_step(model, tx, config, schedule, spec), in_shardings=(rep, bat),
                        out_shardings=(rep, rep), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(rep, bat), out_shardings=rep)
+  eval_step = jax.jit(make_eval_step(eval_model), in_shardings=(rep, bat), out_shardings=rep)
   kurt_fn = jax.jit(lambda p: kurtosis_by_layer(p, **kure_selection(config)))
   writer = MetricWriter(workdir)
   progress = config.get("progress", True) and jax.process_index() == 0

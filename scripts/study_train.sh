@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The trainings of the CIFAR-10 study (docs/RESULTS.md): the converged ResNet-20 base, then every fine-tune from it
+# with one schedule. Resumable: each train.py run resumes from its workdir; a finished run (its `done` marker) is
+# skipped. Wall times land in $OUT/wall_times.tsv.
+#
+#   bash scripts/study_train.sh [DATA_DIR] [OUT]          e.g. bash scripts/study_train.sh ../shared/data/cifar10 runs/study
+#
+# JOBS=N runs N fine-tunes at once (default 1: one after another, as on a CPU; on an accelerator, all at once fills
+# it better). ONLY="base kure_s0" restricts the runs; FT_EPOCHS (30) and FT_LR (0.001: 1% of the base's learning
+# rate, as the authors fine-tune) set the fine-tunes' schedule; EXTRA adds overrides to every run.
+set -euo pipefail
+data=${1:-../shared/data/cifar10}
+out=${2:-runs/study}
+jobs=${JOBS:-1}
+ft_epochs=${FT_EPOCHS:-30}
+ft_lr=${FT_LR:-0.001}
+read -r -a extra <<< "${EXTRA:-}"
+common=(--config configs/cifar10_resnet20.py --config.dataset.name=folder --config.dataset.data_dir="$data"
+        --config.progress=False "${extra[@]}")
+mkdir -p "$out"
+
+wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }
+
+run() {  # run NAME OVERRIDES...: one train.py run in $out/NAME, skipped when done, timed
+  local name=$1; shift
+  wanted "$name" || return 0
+  [[ -f "$out/$name/done" ]] && return 0
+  local t0=$SECONDS
+  if python train.py "${common[@]}" --workdir "$out/$name" "$@" > "$out/$name.log" 2>&1; then
+    if grep -q "'interrupted': False" "$out/$name.log"; then
+      touch "$out/$name/done"
+      printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$out/wall_times.tsv"
+    fi
+  else
+    echo "$name failed: see $out/$name.log" >&2
+  fi
+}
+
+# 1. the converged base: the recipe of configs/cifar10_resnet20.py
+run base
+
+# 2. fine-tunes from the base, identical schedules (constant learning rate, FT_EPOCHS epochs)
+ft=(--config.init_from="$out/base" --config.num_epochs="$ft_epochs" --config.schedule.name=constant
+    --config.schedule.learning_rate="$ft_lr" --config.schedule.warmup_epochs=0)
+finetunes=(
+  "baseline_s0 --config.seed=0 --config.kure.weight=0"
+  "baseline_s1 --config.seed=1 --config.kure.weight=0"
+  "baseline_s2 --config.seed=2 --config.kure.weight=0"
+  "kure_s0 --config.seed=0 --config.kure.weight=1.0 --config.kure.target=1.8"
+  "kure_s1 --config.seed=1 --config.kure.weight=1.0 --config.kure.target=1.8"
+  "kure_s2 --config.seed=2 --config.kure.weight=1.0 --config.kure.target=1.8"
+  "kure_t2.4 --config.kure.weight=1.0 --config.kure.target=2.4"
+  "kure_t3 --config.kure.weight=1.0 --config.kure.target=3.0"
+  "kure_t4 --config.kure.weight=1.0 --config.kure.target=4.0"
+  "kure_t6 --config.kure.weight=1.0 --config.kure.target=6.0"
+  "grad_l1 --config.kure.weight=0 --config.reg.kind=grad_l1 --config.reg.grad_l1_weight=0.001"
+  "qat_dorefa --config.kure.weight=0 --config.quant.method=dorefa --config.quant.w_bits=4 --config.quant.a_bits=4"
+  "qat_dorefa_kure --config.kure.weight=1.0 --config.quant.method=dorefa --config.quant.w_bits=4 --config.quant.a_bits=4"
+  "qat_lsq --config.kure.weight=0 --config.quant.method=lsq --config.quant.w_bits=4 --config.quant.a_bits=4"
+  "qat_lsq_kure --config.kure.weight=1.0 --config.quant.method=lsq --config.quant.w_bits=4 --config.quant.a_bits=4"
+)
+for f in "${finetunes[@]}"; do
+  read -r -a args <<< "$f"
+  while (( $(jobs -rp | wc -l) >= jobs )); do wait -n || true; done
+  run "${args[0]}" "${ft[@]}" "${args[@]:1}" &
+done
+wait
