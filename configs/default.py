@@ -9,38 +9,42 @@ from ml_collections import config_dict
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = "resnet20"
-  c.model_kwargs = ml_collections.ConfigDict()
+  c.model = "resnet20"                # resnet20 (CIFAR) | resnet18 | resnet50 | mobilenet_v2 (torchvision's)
+  c.model_kwargs = ml_collections.ConfigDict()  # extra keyword arguments of the model class (e.g. weight_grid)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "cifar10"          # a TFDS name, or "folder" for split/class/image.jpg folders (or their tarballs)
   c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the folder holding the splits
-  c.dataset.image_size = 32
-  c.dataset.num_classes = 10
-  c.dataset.train_split = "train"
-  c.dataset.eval_split = "test"
+  c.dataset.image_size = 32           # input resolution (square)
+  c.dataset.num_classes = 10          # checked against the data
+  c.dataset.train_split = "train"     # split names (TFDS slices like "train[:90%]" work too)
+  c.dataset.eval_split = "test"       # the split evaluated every epoch and scored by eval.py
   c.dataset.cache = True              # small datasets: decoded in memory + a disk copy in ~/.cache/kure_jax
                                       # (a path: the disk copy goes there; False: memory only)
+  c.dataset.preprocess = config_dict.placeholder(str)  # cifar (decode the split once into memory) | imagenet
+                                      # (decode per example); unset: cifar for cifar10 and ≤ 64 px folders
+  c.dataset.mean = config_dict.placeholder(tuple)  # per-channel normalization on the [0, 1] scale, e.g.
+  c.dataset.std = config_dict.placeholder(tuple)   # "(0.5,0.5,0.5)"; unset: CIFAR-10's or ImageNet's by preprocess
 
   c.batch_size = 128                  # global, over all devices and hosts
-  c.eval_batch_size = 500
-  c.num_epochs = 1
+  c.eval_batch_size = 500             # global, for the epoch evaluation and eval.py
+  c.num_epochs = 1                    # training length in epochs of the train split
   c.max_steps = config_dict.placeholder(int)  # optional cap on the number of steps
   c.dtype = "float32"                 # training compute: float32 | bfloat16 (mixed precision: params, optimizer,
                                       # BatchNorm statistics, kurtosis and loss stay float32)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "sgd"
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = False
-  c.optimizer.weight_decay = 1e-4
+  c.optimizer.name = "sgd"            # sgd (PyTorch-style coupled weight decay) | adam | adamw
+  c.optimizer.momentum = 0.9          # sgd only (0: plain SGD)
+  c.optimizer.nesterov = False        # sgd only
+  c.optimizer.weight_decay = 1e-4     # on the params (not on LSQ's learned steps)
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "cosine"          # cosine | step | constant
-  c.schedule.learning_rate = 0.1
-  c.schedule.warmup_epochs = 0.0
+  c.schedule.learning_rate = 0.1      # peak learning rate
+  c.schedule.warmup_epochs = 0.0      # linear warmup from 0, in epochs
   c.schedule.decay_epochs = 30        # step: multiply by decay_factor every decay_epochs
-  c.schedule.decay_factor = 0.1
+  c.schedule.decay_factor = 0.1       # step: the factor
 
   c.kure = ml_collections.ConfigDict()
   c.kure.weight = 0.0                 # λ; 0 turns KURE off
@@ -62,35 +66,56 @@ def get_config() -> ml_collections.ConfigDict:
   # quantization-aware training (the penalty above acts on the latent float weights)
   c.quant = ml_collections.ConfigDict()
   c.quant.method = "none"             # none | dorefa | lsq
-  c.quant.w_bits = 4
+  c.quant.w_bits = 4                  # weight bits, 2…16
   c.quant.a_bits = 4                  # 0 keeps activations in float
   c.quant.include = ""                # regexes over kernel paths, as for kure
-  c.quant.exclude = ""
+  c.quant.exclude = ""                # regex removing layers after include
   c.quant.skip_stem = True            # the first layer and the classifier stay in float,
   c.quant.skip_head = True            # as in the paper
 
   # eval.py: the robustness grid (every combination is scored in one compiled call)
   c.eval = ml_collections.ConfigDict()
-  c.eval.bits = (2, 3, 4, 8)
+  # A preset fills in the quantizer conventions below that are left unset; each can be overridden on its own.
+  #   ours:    signed weight grid (zero included), no bias correction, the layers KURE regularizes (every conv and
+  #            dense but the stem and the classifier), MSE-optimal base steps
+  #   authors: as the KURE authors' code: midrise weight grid (2^M levels, no zero), per-channel mean bias
+  #            correction, every conv but the first and the last (dense layers float), LAPQ base steps (512 images,
+  #            2 Powell iterations, no evaluation cap), so step ratios are relative to the LAPQ step
+  c.eval.preset = "ours"              # ours | authors
+  c.eval.weight_grid = config_dict.placeholder(str)  # signed | narrow | midrise; unset: the preset's (a DoReFa
+                                      # checkpoint always uses its own midrise grid)
+  c.eval.layers = config_dict.placeholder(str)  # which kernels are quantized: kure (config.kure's selection) |
+                                      # inner_convs (every conv but the first and last called); unset: the preset's
+  c.eval.dorefa_mode = "symmetric"    # DoReFa checkpoints' step perturbation: symmetric (Δ = ratio·Δ̃ on the
+                                      # midrise grid, weights and activations) | sliding (the authors': weights only,
+                                      # DoReFa's scale × ratio, i.e. Δ = Δ̃/ratio, grid anchored at −1, no clamp, so
+                                      # levels are gained or lost: 11 at 0.7, 21 at 1.3 for 4 bits)
+  c.eval.bits = (2, 3, 4, 8)          # bit-widths, 2…16
   c.eval.ratio_min = 0.7              # step ratios Δ/Δ̃: ratio_steps points from ratio_min to ratio_max
-  c.eval.ratio_max = 1.3
-  c.eval.ratio_steps = 21
+  c.eval.ratio_max = 1.3              # (1.0 is always included)
+  c.eval.ratio_steps = 21             # number of step ratios
   c.eval.policies = ("exact", "pow2_nearest")   # exact | pow2_nearest | pow2_floor | pow2_ceil
-  c.eval.methods = ("mse",)           # base step Δ̃: mse | max | aciq_gauss | aciq_laplace | learned (QAT) | lapq
+  c.eval.methods = config_dict.placeholder(tuple)  # base step Δ̃: mse | max | aciq_gauss | aciq_laplace |
+                                      # learned (QAT) | lapq; unset: the preset's (ours ('mse',), authors ('lapq',))
   c.eval.targets = ("weights",)       # weights | activations | both
   c.eval.granularity = "tensor"       # tensor | channel (weight steps)
   c.eval.calibration_batches = 1      # batches of the train split for activation steps
   c.eval.fold_bn = False              # fold BatchNorm into the conv kernels before quantizing them
   c.eval.chunk = 1                    # grid points vmapped at once; 1 is fastest on CPU
-  c.eval.bias_correction = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
+  c.eval.bias_correction = config_dict.placeholder(str)  # none | mean | mean_std: per output channel, restore the
+                                      # float mean (and std); unset: the preset's (ours none, authors mean)
   c.eval.lapq_images = 512            # method lapq: labelled train images for its calibration loss
   c.eval.lapq_iterations = 2          # method lapq: Powell iterations (SciPy maxiter)
   c.eval.lapq_max_evals = config_dict.placeholder(int)  # method lapq: optional cap on loss evaluations (SciPy maxfev)
 
-  c.init_from = ""                    # a workdir to fine-tune from (params and batch statistics)
-  c.seed = 0
-  c.checkpoint_every_steps = 500
-  c.keep_checkpoints = 3
-  c.log_every_steps = 50
-  c.progress = True
+  c.init_from = ""                    # a workdir to fine-tune from (params and batch statistics), one step's
+                                      # folder in it (runs/x/checkpoints/4), or torchvision:PATH (a .pth)
+  c.resume_step = config_dict.placeholder(int)  # resume from this step of <workdir>/checkpoints (unset: the newest);
+                                      # for a damaged newest checkpoint: damaged newer ones are moved to
+                                      # <workdir>/checkpoints_discarded, an intact newer one stops the run
+  c.seed = 0                          # init, data order and augmentation
+  c.checkpoint_every_steps = 500      # also saved at the end and on SIGTERM/Ctrl-C
+  c.keep_checkpoints = 3              # the newest K are kept
+  c.log_every_steps = 50              # train rows in metrics.jsonl (and the non-finite check)
+  c.progress = True                   # tqdm progress bars
   return c

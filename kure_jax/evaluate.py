@@ -20,19 +20,54 @@ from kure_jax.robustness import Grid, Sweep
 from kure_jax.train import kure_selection
 
 
+# The quantizer conventions of each `config.eval.preset`: a field left unset in config.eval takes its preset's value.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ours": {"weight_grid": "signed", "bias_correction": "none", "layers": "kure", "methods": ("mse",)},
+    "authors": {"weight_grid": "midrise", "bias_correction": "mean", "layers": "inner_convs", "methods": ("lapq",)},
+}
+LAYER_RULES = ("kure", "inner_convs")
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """weight_grid, bias_correction, layers and methods of ``config.eval``, unset fields filled from its preset.
+
+  A DoReFa checkpoint keeps its own grid: midrise, or 'sliding' under ``eval.dorefa_mode='sliding'``.
+  """
+  e = config.eval
+  preset = e.get("preset", "ours")
+  if preset not in PRESETS:
+    raise UserError(f"config.eval.preset is {preset!r}; choose one of {', '.join(PRESETS)}.")
+  out = dict(PRESETS[preset])
+  for key in out:
+    value = e.get(key)
+    if value is not None:
+      out[key] = (tuple(value) if isinstance(value, (tuple, list)) else (value,)) if key == "methods" else value
+  if out["layers"] not in LAYER_RULES:
+    raise UserError(f"config.eval.layers is {out['layers']!r}; choose one of {', '.join(LAYER_RULES)}.")
+  if qat.method(config) == "dorefa":
+    if e.get("weight_grid") not in (None, "midrise"):
+      raise UserError(f"config.eval.weight_grid={e.weight_grid!r} does not fit a DoReFa checkpoint, whose weights sit "
+                      "on its own midrise grid; leave it unset (eval.dorefa_mode chooses how its step is perturbed).")
+    out["weight_grid"] = "sliding" if e.get("dorefa_mode", "symmetric") == "sliding" else "midrise"
+  elif e.get("dorefa_mode", "symmetric") != "symmetric":
+    raise UserError("config.eval.dorefa_mode='sliding' is the authors' DoReFa perturbation: it needs a DoReFa "
+                    "checkpoint (--config.quant.method=dorefa).")
+  return out
+
+
 def grid_from_config(config: ml_collections.ConfigDict) -> Grid:
   """The Grid of ``config.eval`` (validated: one readable error for a bad value)."""
   e = config.eval
+  settings = eval_settings(config)
   if e.ratio_steps < 1 or not e.ratio_min > 0 or e.ratio_max < e.ratio_min:
     raise UserError(f"config.eval: ratios need 0 < ratio_min ≤ ratio_max and ratio_steps ≥ 1, got "
                     f"{e.ratio_min}, {e.ratio_max}, {e.ratio_steps}.")
   ratios = tuple(sorted({round(float(r), 6) for r in np.linspace(e.ratio_min, e.ratio_max, e.ratio_steps)} | (
       {1.0} if e.ratio_min <= 1.0 <= e.ratio_max else set())))
   bits = tuple(e.bits) if isinstance(e.bits, (tuple, list)) else (e.bits,)
-  grid = Grid(bits=bits, ratios=ratios, policies=tuple(e.policies), methods=tuple(e.methods),
-              targets=tuple(e.targets), granularity=e.granularity,
-              weight_grid=qat.model_kwargs(config).get("weight_grid", "signed"),
-              bias_correction=e.get("bias_correction", "none")).validate()
+  grid = Grid(bits=bits, ratios=ratios, policies=tuple(e.policies), methods=settings["methods"],
+              targets=tuple(e.targets), granularity=e.granularity, weight_grid=settings["weight_grid"],
+              bias_correction=settings["bias_correction"], dorefa_mode=e.get("dorefa_mode", "symmetric")).validate()
   if "lapq" in grid.methods:
     for field in ("lapq_images", "lapq_iterations", "lapq_max_evals"):
       v = e.get(field, 1)
@@ -68,9 +103,13 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   except ValueError as e:
     raise UserError(str(e)) from e
   qat.validate(config)
-  model = models_lib.get_model(config.model, config.dataset.num_classes, **qat.model_kwargs(config))
+  model = models_lib.get_model(config.model, config.dataset.num_classes,
+                               **{**qat.model_kwargs(config), "weight_grid": grid.weight_grid})
   size = config.dataset.image_size
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
+  # which kernels are quantized: config.kure's selection, or every conv but the first and last (the authors')
+  layers = ({"paths": models_lib.inner_convs(model, abstract, (size, size, 3))}
+            if eval_settings(config)["layers"] == "inner_convs" else kure_selection(config))
   expected = {"model": config.model, "num_classes": int(config.dataset.num_classes),
               "param_shapes": param_shapes(abstract["params"])}
   loaded = []
@@ -114,7 +153,7 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
     if config.eval.get("fold_bn", False):  # quantize what an accelerator would: W·γ/√(σ²+ε)
       variables = fold_batchnorm(model, variables, (size, size, 3))
     sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, qat=qat_meta,
-                  **kure_selection(config), **lapq_kw)
+                  **layers, **lapq_kw)
     batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())
     bar = None
     if progress and jax.process_index() == 0:
@@ -129,6 +168,7 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
 
   if jax.process_index() == 0:
     meta = {"model": config.model, "dataset": config.dataset.name, "checkpoints": dict(zip(labels, checkpoints)),
+            "preset": config.eval.get("preset", "ours"), "layers": eval_settings(config)["layers"],
             "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(grid).items()}}
     if lapq_log:  # LAPQ's calibration loss: Lp start → Powell, per checkpoint and bit-width
       meta["lapq"] = lapq_log

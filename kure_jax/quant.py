@@ -12,7 +12,13 @@ signed      −L, …, L−1 (two's complement)       weights, integer accelerat
 narrow      −(L−1), …, L−1 (symmetric, 2^M−1)   weights (symmetric int grids)
 midrise     ±½, ±3/2, …, ±(L−½) (2^M, no zero)  weights in the KURE paper's code
 unsigned    0, …, 2^M−1                         activations after ReLU
+sliding     −1 + jΔ, every integer j, unclipped   DoReFa's perturbed grid (below)
 ==========  ==================================  ==============================
+
+The sliding grid is for DoReFa's normalized weights in [−1, 1]: its zero point is pinned
+at −1 and nothing is clipped, so at Δ = 2/(2^M − 1) it is DoReFa's 2^M-level grid
+exactly, and at another Δ the grid slides and gains or loses levels (the authors scale
+DoReFa's 2^M − 1 by a ratio r, i.e. Δ = Δ̃/r: 11 levels at r = 0.7, 21 at 1.3 for 4 bits).
 
 Rounding rule: integer grids round half to even (``jnp.round``, like ``torch.round``
 and IEEE ``roundeven``), so ties are unbiased; midrise uses ``floor(x/Δ) + ½``
@@ -43,7 +49,7 @@ import numpy as np
 
 from kure_jax import _checks
 
-GRIDS = ("signed", "narrow", "midrise", "unsigned")
+GRIDS = ("signed", "narrow", "midrise", "unsigned", "sliding")
 POW2_MODES = ("nearest", "floor", "ceil")
 ACIQ_DISTS = ("gauss", "laplace")
 
@@ -65,6 +71,8 @@ def levels(bits: jax.Array | int, grid: str = "signed") -> tuple[jax.Array, jax.
     return -(half - 1.0), half - 1.0
   if grid == "midrise":
     return -(half - 0.5), half - 0.5
+  if grid == "sliding":  # unclipped
+    return jnp.full_like(half, -jnp.inf), jnp.full_like(half, jnp.inf)
   return jnp.zeros_like(half), 2.0 * half - 1.0
 
 
@@ -100,6 +108,9 @@ def _round(v: jax.Array, grid: str) -> jax.Array:
 
 def _quantize(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -> jax.Array:
   """Unchecked fake quantization; `step` already broadcastable to x."""
+  if grid == "sliding":  # −1 + Δ·round((x + 1)/Δ), no clipping
+    v = (x + 1.0) / step
+    return (v + jax.lax.stop_gradient(jnp.round(v) - v)) * step - 1.0
   qmin, qmax = levels(bits, grid)
   v = x / step
   ste = v + jax.lax.stop_gradient(_round(v, grid) - v)  # value round(v), gradient 1
@@ -160,6 +171,9 @@ def _reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...] | None:
 
 def _prepare(fn: str, x, bits, grid: str, axis: int | None):
   _checks.check_choice(fn, "grid", grid, GRIDS)
+  if grid == "sliding":
+    raise ValueError(f"{fn}: the sliding grid has no clipping range to optimize a step for; pick the step on "
+                     "'midrise' (the same levels at ratio 1) and use it here.")
   _checks.check_nonempty(fn, "x", x)
   _checks.check_bits(fn, bits, lo=2 if grid == "narrow" else 1)
   x = _f32(x)

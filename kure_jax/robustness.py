@@ -46,6 +46,7 @@ POLICIES = ("exact", "pow2_nearest", "pow2_floor", "pow2_ceil")
 METHODS = ("mse", "max", "aciq_gauss", "aciq_laplace", "learned", "lapq")  # learned: a QAT checkpoint's own steps
 TARGETS = ("weights", "activations", "both")
 GRANULARITIES = ("tensor", "channel")
+DOREFA_MODES = ("symmetric", "sliding")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,8 @@ class Grid:
   granularity: str = "tensor"       # weight steps per tensor or per output channel
   weight_grid: str = "signed"       # must match the model's weight_grid
   bias_correction: str = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
+  dorefa_mode: str = "symmetric"    # DoReFa checkpoints: symmetric (Δ = ratio·Δ̃, weights and activations) |
+                                    # sliding (the KURE authors': weights only, Δ = Δ̃/ratio on the 'sliding' grid)
 
   def validate(self) -> "Grid":
     """Raise UserError (one line) for a setting that cannot work; return self."""
@@ -85,6 +88,10 @@ class Grid:
     choose("granularity", (self.granularity,), GRANULARITIES)
     choose("weight_grid", (self.weight_grid,), Q.GRIDS)
     choose("bias_correction", (self.bias_correction,), BIAS_CORRECTIONS)
+    choose("dorefa_mode", (self.dorefa_mode,), DOREFA_MODES)
+    if (self.dorefa_mode == "sliding") != (self.weight_grid == "sliding"):
+      raise UserError("grid.dorefa_mode 'sliding' goes with weight_grid 'sliding' (and only it): the authors' DoReFa "
+                      "perturbation slides the grid.")
     return self
 
   def points(self) -> list[dict[str, Any]]:
@@ -154,7 +161,7 @@ class Sweep:
 
   def __init__(self, model, variables: dict, grid: Grid, *, calibration: Iterable[np.ndarray] | None = None,
                include=None, exclude=None, skip_stem: bool = True, skip_head: bool = True,
-               chunk: int = 1, qat: dict[str, Any] | None = None,
+               paths: Sequence[str] | None = None, chunk: int = 1, qat: dict[str, Any] | None = None,
                lapq_calibration: Mapping | Iterable[Mapping] | None = None,
                lapq_steps: Mapping[int, Mapping[str, Mapping[str, Any]]] | None = None,
                lapq_options: Mapping[str, Any] | None = None):
@@ -163,6 +170,8 @@ class Sweep:
     self.variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     self.qat = qat
     self.dorefa = bool(qat) and qat["method"] == "dorefa"
+    # the grid steps are picked on: the sliding grid has DoReFa's midrise levels at ratio 1 and no range of its own
+    self._pick_grid = "midrise" if grid.weight_grid == "sliding" else grid.weight_grid
     if "learned" in grid.methods and not qat:
       raise UserError("grid.methods 'learned' needs a QAT checkpoint (trained with quant.method=dorefa or lsq).")
     if "lapq" in grid.methods:  # checked before anything compiles
@@ -173,8 +182,12 @@ class Sweep:
       if unknown:
         raise UserError(f"lapq_options: unknown {', '.join(sorted(unknown))}; use ps, iterations, max_evals, "
                         "progress, chunk_size.")
+    if grid.dorefa_mode == "sliding" and not self.dorefa:
+      raise UserError("grid.dorefa_mode 'sliding' is the authors' DoReFa perturbation: it needs a DoReFa checkpoint.")
     if qat:
       self.paths = list(qat["paths"])
+    elif paths is not None:
+      self.paths = list(paths)
     else:
       self.paths = list(select_kernels(self.variables["params"], include=include, exclude=exclude,
                                        skip_stem=skip_stem, skip_head=skip_head))
@@ -221,7 +234,7 @@ class Sweep:
     if missing:
       runner = lapq_lib.Lapq(self.model, self.variables, calibration, self.paths, quantize_weights=quantize_w,
                              quantize_acts=quantize_a, granularity=self.grid.granularity,
-                             weight_grid=self.grid.weight_grid, act_grids=self.act_grids or None,
+                             weight_grid=self._pick_grid, act_grids=self.act_grids or None,
                              dorefa=self.dorefa, bias_correction=self.grid.bias_correction, chunk_size=chunk_size)
       self.lapq_runner = runner
       target = "W{b}/A{b}" if quantize_w and quantize_a else ("A{b}" if quantize_a else "W{b}")
@@ -274,7 +287,7 @@ class Sweep:
         return s[:, None] * jnp.ones(k.shape[-1]) if axis is not None else s
       if m == "lapq":
         return lapq["w"][p]
-      return jax.vmap(lambda b: _method_fn(m)(k, b, self.grid.weight_grid, axis=axis))(bits)
+      return jax.vmap(lambda b: _method_fn(m)(k, b, self._pick_grid, axis=axis))(bits)
 
     def act_steps(p, v, m):
       if m == "learned":
@@ -289,15 +302,18 @@ class Sweep:
 
   def _quant_for_point(self, base: dict, pt: dict) -> dict:
     layers = {}
+    sliding = self.grid.dorefa_mode == "sliding"  # the authors' DoReFa perturbation: DoReFa's scale × ratio
     for p in self.paths:
-      w_step = _apply_policy(base["w"][p][pt["method"], pt["bit_idx"]] * pt["ratio"], pt["policy"])
+      w_base = base["w"][p][pt["method"], pt["bit_idx"]]
+      w_step = _apply_policy(w_base / pt["ratio"] if sliding else w_base * pt["ratio"], pt["policy"])
       entry = {"w_bits": jnp.where(pt["w_on"], pt["bits"], 0), "w_step": w_step}
       if self.dorefa:
         entry["w_tanh"] = jnp.asarray(True)
       if self.grid.bias_correction != "none":
         entry["w_bias_corr"] = jnp.asarray(BIAS_CORRECTIONS.index(self.grid.bias_correction))
       if p in base["a"]:
-        a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * pt["ratio"], pt["policy"])
+        a_ratio = 1.0 if sliding else pt["ratio"]  # sliding perturbs the weights only
+        a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * a_ratio, pt["policy"])
         entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
       layers[p] = entry
     return quant_collection(None, layers)

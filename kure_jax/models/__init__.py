@@ -68,6 +68,33 @@ def init_variables(model: nn.Module, rng: jax.Array | int, image_shape: Sequence
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
+def kernel_call_order(model: nn.Module, variables: dict, image_shape: Sequence[int]) -> list[tuple[str, str]]:
+  """[(kernel path 'a/b/kernel', 'conv' | 'dense')] in the order the forward pass calls the layers.
+
+  Read off the model by intercepting one abstract forward pass (no computation), so "the
+  first and the last conv" mean what they do in the network, whatever the module names.
+  """
+  calls: list[tuple[str, str]] = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(context.module, (QConv, QDense)):
+      path = "/".join(context.module.scope.path) + "/kernel"
+      if path not in [p for p, _ in calls]:
+        calls.append((path, "conv" if isinstance(context.module, QConv) else "dense"))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, jnp.zeros((1, *image_shape)))
+  return calls
+
+
+def inner_convs(model: nn.Module, variables: dict, image_shape: Sequence[int]) -> list[str]:
+  """Kernel paths of every conv but the first and the last called (dense layers excluded): the layers the
+  KURE authors' code quantizes (``Conv2d`` modules ``[1:-1]``)."""
+  convs = [p for p, kind in kernel_call_order(model, variables, image_shape) if kind == "conv"]
+  return convs[1:-1]
+
+
 _INDEXED = re.compile(r"(^|\.)([A-Za-z_]\w*)\.(\d+)(?=\.|$)")
 
 
@@ -92,6 +119,8 @@ __all__ = [
     "ResNet50",
     "get_model",
     "init_variables",
+    "inner_convs",
+    "kernel_call_order",
     "param_count",
     "quant_collection",
     "torch_module_path",

@@ -1,0 +1,133 @@
+"""Export a train.py workdir as shipped weights (params + batch statistics) and record it in the manifest.
+
+  python scripts/export_weights.py --workdir runs/study/kure_s1 --name kure_s1 [--out weights] \
+      [--data_dir ../shared/data/cifar10] [--note "..."]
+
+Writes <out>/<name>/{variables.msgpack, meta.json} and updates <out>/MANIFEST.json with the model's config
+overrides (against the config file it was trained from), seed, top-1 on the real test set (re-evaluated here, in
+float32 on the CPU, so the manifest is what `tests/test_weights.py` re-computes), mean kurtosis of the
+regularized layers, file checksum, the command that made it and its wall time (summed from the logged throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from ml_collections import ConfigDict  # noqa: E402
+
+from kure_jax import data as data_lib  # noqa: E402
+from kure_jax import models as models_lib  # noqa: E402
+from kure_jax import sharding, weights  # noqa: E402
+from kure_jax.checkpoint import load_variables  # noqa: E402
+from kure_jax.kurtosis import kurtosis_by_layer  # noqa: E402
+from kure_jax.train import evaluate, kure_selection, make_eval_step  # noqa: E402
+
+CONFIG_FILE = "configs/cifar10_resnet20.py"
+# run-local settings that do not change the model (left out of the recorded overrides)
+IGNORED = ("dataset.data_dir", "dataset.name", "progress", "checkpoint_every_steps", "keep_checkpoints",
+           "log_every_steps", "init_from")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def overrides(trained: dict, config_file: str) -> dict:
+  module = importlib.import_module(config_file.removesuffix(".py").replace("/", "."))
+  base = flatten(json.loads(module.get_config().to_json_best_effort()))
+  return {k: v for k, v in sorted(flatten(trained).items()) if base.get(k) != v and k not in IGNORED}
+
+
+def wall_time_s(metrics_path: str, batch_size: int) -> float:
+  """Training seconds: Σ (images between logged rows) / (their images/s)."""
+  total, last = 0.0, 0
+  with open(metrics_path) as f:
+    for line in f:
+      r = json.loads(line)
+      if r.get("split") == "train" and r.get("images_per_s"):
+        total += (r["step"] - last) * batch_size / r["images_per_s"]
+        last = r["step"]
+  return total
+
+
+def last_eval(metrics_path: str) -> dict:
+  rows = [json.loads(x) for x in open(metrics_path) if '"eval"' in x]
+  return rows[-1] if rows else {}
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--name", required=True)
+  ap.add_argument("--out", default="weights")
+  ap.add_argument("--config_file", default=CONFIG_FILE)
+  ap.add_argument("--data_dir", default="../shared/data/cifar10")
+  ap.add_argument("--command", default=None, help="the command that made it (default: train.py with the overrides)")
+  ap.add_argument("--note", default="")
+  args = ap.parse_args()
+
+  if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+    print(f"error: {args.workdir} is not a train.py workdir (no config.json).", file=sys.stderr)
+    return 2
+  with open(os.path.join(args.workdir, "config.json")) as f:
+    trained = json.load(f)
+  if trained.get("quant", {}).get("method", "none") != "none":
+    print(f"error: {args.workdir} is a QAT run; its float top-1 means nothing and the manifest has no field for "
+          "its quantized one yet: export float models only.", file=sys.stderr)
+    return 2
+  config = ConfigDict(trained)
+  variables, meta = load_variables(args.workdir)
+
+  # top-1 in float32 on the test set, here
+  config.dataset.name, config.dataset.data_dir = "folder", args.data_dir
+  ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False, seed=0)
+  model = models_lib.get_model(config.model, config.dataset.num_classes,
+                               **({"weight_grid": "midrise"} if meta.get("quant", {}) and
+                                  meta["quant"].get("method") == "dorefa" else {}))
+  mesh = sharding.make_mesh()
+  float_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  top1 = evaluate(jax.jit(make_eval_step(model)), float_vars, ds, mesh)["top1"]
+  kurt = jax.device_get(kurtosis_by_layer(variables["params"], **kure_selection(config)))
+  metrics = os.path.join(args.workdir, "metrics.jsonl")
+  ov = overrides(trained, args.config_file)
+  command = args.command or " ".join(
+      ["python train.py --config", args.config_file, "--config.dataset.name=folder",
+       f"--config.dataset.data_dir={args.data_dir}"] +
+      ([f"--config.init_from={trained['init_from']}"] if trained.get("init_from") else []) +
+      [f"--config.{k}={v}" for k, v in ov.items()])
+
+  digest = weights.save(os.path.join(args.out, args.name), variables,
+                        {k: meta[k] for k in ("model", "num_classes", "image_size", "param_shapes", "quant")
+                         if k in meta})
+  manifest = weights.read_manifest(args.out)
+  manifest["models"][args.name] = {
+      "config": args.config_file, "overrides": ov, "seed": trained.get("seed", 0),
+      "top1_float": round(top1, 2), "top1_at_training": last_eval(metrics).get("top1"),
+      "kurtosis_mean": round(float(np.mean(list(kurt.values()))), 4),
+      "sha256": digest, "command": command, "wall_time_s": round(wall_time_s(metrics, config.batch_size)),
+      "steps": int(last_eval(metrics).get("step", 0)), "init_from": trained.get("init_from") or None,
+      "quant": meta.get("quant"), "note": args.note,
+  }
+  weights.write_manifest(args.out, manifest)
+  print(f"{args.name}: top-1 {top1:.2f}%, kurtosis {manifest['models'][args.name]['kurtosis_mean']}, "
+        f"sha256 {digest[:12]}… → {args.out}/{args.name}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
