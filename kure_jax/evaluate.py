@@ -67,7 +67,8 @@ def grid_from_config(config: ml_collections.ConfigDict) -> Grid:
   bits = tuple(e.bits) if isinstance(e.bits, (tuple, list)) else (e.bits,)
   grid = Grid(bits=bits, ratios=ratios, policies=tuple(e.policies), methods=settings["methods"],
               targets=tuple(e.targets), granularity=e.granularity, weight_grid=settings["weight_grid"],
-              bias_correction=settings["bias_correction"], dorefa_mode=e.get("dorefa_mode", "symmetric")).validate()
+              bias_correction=settings["bias_correction"], dorefa_mode=e.get("dorefa_mode", "symmetric"),
+              formats=tuple(e.get("formats") or ())).validate()
   if "lapq" in grid.methods:
     for field in ("lapq_images", "lapq_iterations", "lapq_max_evals"):
       v = e.get(field, 1)

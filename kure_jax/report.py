@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 _TARGET_NAMES = {"weights": "weights", "activations": "activations", "both": "weights + activations"}
-COLUMNS = ("checkpoint", "bits", "ratio", "policy", "method", "target", "top1", "top5", "loss", "count")
+COLUMNS = ("checkpoint", "format", "bits", "ratio", "policy", "method", "target", "top1", "top5", "loss", "count")
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -39,7 +39,32 @@ def _at(rows, **match):
 
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Top-1 at the base step (ratio 1, exact), its worst case over the ratios, and with a pow2 step."""
+  """Top-1 at the base step (ratio 1, exact), its worst case over the ratios, and with a pow2 step; a second
+  table for the number-format points."""
+  ints = [r for r in rows if not r.get("format")]
+  fmts = [r for r in rows if r.get("format")]
+  tables = ([_integer_table(ints)] if ints else []) + ([formats_table(fmts)] if fmts else [])
+  return "\n\n".join(tables)
+
+
+def formats_table(rows: Sequence[dict[str, Any]]) -> str:
+  """Per checkpoint and target: top-1 of each number format at its max scaling (ratio 1, exact), and its worst
+  case over the ratios."""
+  fmts = list(dict.fromkeys(r["format"] for r in rows))
+  lines = ["| checkpoint | target | " + " | ".join(f"{f} / worst" for f in fmts) + " |",
+           "| --- | --- | " + " | ".join("---:" for _ in fmts) + " |"]
+  for ck in dict.fromkeys(r["checkpoint"] for r in rows):
+    for target in dict.fromkeys(r["target"] for r in rows):
+      cells = []
+      for f in fmts:
+        exact = _at(rows, checkpoint=ck, target=target, format=f, policy="exact")
+        base = min(exact, key=lambda r: abs(r["ratio"] - 1.0)) if exact else None
+        cells.append(f"{base['top1']:.1f} / {min(r['top1'] for r in exact):.1f}" if base else "–")
+      lines.append(f"| {ck} | {target} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _integer_table(rows: Sequence[dict[str, Any]]) -> str:
   bits = sorted({r["bits"] for r in rows})
   lines = ["| checkpoint | target | method | " + " | ".join(f"W{b} Δ̃ / worst / pow2" for b in bits) + " |",
            "| --- | --- | --- | " + " | ".join("---:" for _ in bits) + " |"]
@@ -60,7 +85,69 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> dict[str, str]:
-  """accuracy_vs_ratio.png, accuracy_vs_bits.png and pow2.png in `out_dir`."""
+  """accuracy_vs_ratio.png, accuracy_vs_bits.png and pow2.png (integer grids, every base-step method), and
+  formats.png (number formats) in `out_dir`; returns {plot: path} for what was drawn."""
+  ints = [r for r in rows if not r.get("format")]
+  fmts = [r for r in rows if r.get("format")]
+  out = {}
+  for method in dict.fromkeys(r["method"] for r in ints):  # one set of plots per base-step method
+    suffix = "" if method == ints[0]["method"] else f"_{method}"
+    drawn = _plot_integer([r for r in ints if r["method"] == method], out_dir, title, method)
+    out.update({k + suffix: v.replace(".png", f"{suffix}.png") for k, v in drawn.items()})
+    for v in drawn.values():
+      if suffix:
+        os.replace(v, v.replace(".png", f"{suffix}.png"))
+  if fmts:
+    out["formats"] = _plot_formats(fmts, out_dir, title)
+  return out
+
+
+def _plot_formats(rows: Sequence[dict[str, Any]], out_dir: str, title: str) -> str:
+  """formats.png: top-1 of every format at ratio 1 (bars), and vs the step ratio where there are several."""
+  from matplotlib.figure import Figure
+
+  os.makedirs(out_dir, exist_ok=True)
+  checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+  targets = list(dict.fromkeys(r["target"] for r in rows))
+  fmts = list(dict.fromkeys(r["format"] for r in rows))
+  ratios = sorted({r["ratio"] for r in rows})
+  n_rows = 2 if len(ratios) > 1 else 1
+  fig = Figure(figsize=(max(6.5, 0.9 * len(fmts) + 2) * len(targets), 4.4 * n_rows))
+  axes = fig.subplots(n_rows, len(targets), squeeze=False)
+  width = 0.8 / len(checkpoints)
+  for col, target in enumerate(targets):
+    ax = axes[0][col]
+    for ci, ck in enumerate(checkpoints):
+      vals = []
+      for f in fmts:
+        pts = _at(rows, checkpoint=ck, target=target, format=f, policy="exact")
+        vals.append(min(pts, key=lambda r: abs(r["ratio"] - 1.0))["top1"] if pts else 0.0)
+      ax.bar([i + (ci - (len(checkpoints) - 1) / 2) * width for i in range(len(fmts))], vals, width, label=ck)
+    ax.set(xticks=range(len(fmts)), ylabel="top-1 (%)", ylim=(0, 100),
+           title=f"number formats at max scaling ({_TARGET_NAMES[target]})")
+    ax.set_xticklabels(fmts, rotation=30, ha="right", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="lower left")
+    if n_rows == 2:
+      ax = axes[1][col]
+      styles = ["-", "--", ":", "-."]
+      for ci, ck in enumerate(checkpoints):
+        for fi, f in enumerate(fmts):
+          pts = sorted(_at(rows, checkpoint=ck, target=target, format=f, policy="exact"), key=lambda r: r["ratio"])
+          ax.plot([r["ratio"] for r in pts], [r["top1"] for r in pts], styles[ci % 4], color=f"C{fi % 10}",
+                  marker="o", ms=3, label=f"{ck}, {f}")
+      ax.axvline(1.0, color="grey", lw=0.6)
+      ax.set(xlabel="scale ratio (× the format's max scaling)", ylabel="top-1 (%)", ylim=(0, 100))
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=6, ncol=max(1, len(checkpoints)))
+  fig.suptitle(title or "Accuracy in number formats")
+  fig.tight_layout()
+  path = os.path.join(out_dir, "formats.png")
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def _plot_integer(rows: Sequence[dict[str, Any]], out_dir: str, title: str, method: str) -> dict[str, str]:
   from matplotlib import colormaps
   from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) stays as it is
 
@@ -68,7 +155,6 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> d
   checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
   targets = list(dict.fromkeys(r["target"] for r in rows))
   bits = sorted({r["bits"] for r in rows})
-  method = rows[0]["method"]
   styles = ["-", "--", ":", "-."]
   colors = colormaps["viridis"]([i / max(len(bits) - 1, 1) for i in range(len(bits))])
   out = {}
@@ -88,7 +174,7 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> d
            ylim=(0, 100))
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7, ncol=len(checkpoints), loc="lower center")
-  fig.suptitle(title or f"Accuracy vs step-size error (base step: {method})")
+  fig.suptitle(f"{title} (base step: {method})" if title else f"Accuracy vs step-size error (base step: {method})")
   fig.tight_layout()
   out["ratio"] = os.path.join(out_dir, "accuracy_vs_ratio.png")
   fig.savefig(out["ratio"], dpi=110)
@@ -134,4 +220,4 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> d
     fig.tight_layout()
     out["pow2"] = os.path.join(out_dir, "pow2.png")
     fig.savefig(out["pow2"], dpi=110)
-    return out
+  return out

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kure_jax import formats as formats_lib
 from kure_jax import lapq as lapq_lib
 from kure_jax import qat as qat_lib
 from kure_jax import quant as Q
@@ -63,6 +64,8 @@ class Grid:
   bias_correction: str = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
   dorefa_mode: str = "symmetric"    # DoReFa checkpoints: symmetric (Δ = ratio·Δ̃, weights and activations) |
                                     # sliding (the KURE authors': weights only, Δ = Δ̃/ratio on the 'sliding' grid)
+  formats: tuple[str, ...] = ()     # number formats of kure_jax.formats (fp8_e4m3, mxfp4, nvfp4, int4, …): more points,
+                                    # each format at its max scaling × ratio, beside the integer-grid points of `bits`
 
   def validate(self) -> "Grid":
     """Raise UserError (one line) for a setting that cannot work; return self."""
@@ -75,8 +78,8 @@ class Grid:
     for b in self.bits:
       if not float(b).is_integer() or not 2 <= b <= 16:
         raise UserError(f"grid.bits: {b} is outside 2…16 (whole numbers).")
-    if not self.bits:
-      raise UserError("grid.bits is empty.")
+    if not self.bits and not self.formats:
+      raise UserError("grid.bits is empty (and there are no grid.formats).")
     for r in self.ratios:
       if not float(r) > 0:
         raise UserError(f"grid.ratios: {r} must be > 0 (Δ = ratio · Δ̃).")
@@ -89,15 +92,24 @@ class Grid:
     choose("weight_grid", (self.weight_grid,), Q.GRIDS)
     choose("bias_correction", (self.bias_correction,), BIAS_CORRECTIONS)
     choose("dorefa_mode", (self.dorefa_mode,), DOREFA_MODES)
+    for f in self.formats:
+      if f not in formats_lib.FORMATS:
+        raise UserError(f"grid.formats: unknown {f!r}; choose from {', '.join(formats_lib.FORMATS)}.")
+    if self.formats and self.dorefa_mode == "sliding":
+      raise UserError("grid.formats cannot be combined with dorefa_mode 'sliding' (a DoReFa grid of its own).")
     if (self.dorefa_mode == "sliding") != (self.weight_grid == "sliding"):
       raise UserError("grid.dorefa_mode 'sliding' goes with weight_grid 'sliding' (and only it): the authors' DoReFa "
                       "perturbation slides the grid.")
     return self
 
   def points(self) -> list[dict[str, Any]]:
-    """One dict per grid point, in the order the sweep returns them."""
-    return [dict(bits=b, ratio=r, policy=p, method=m, target=t)
+    """One dict per grid point, in the order the sweep returns them: the integer-grid points (format ''), then
+    the number-format points (method 'max': each format's max scaling, bits 0)."""
+    ints = [dict(format="", bits=b, ratio=r, policy=p, method=m, target=t)
             for m, t, p, b, r in itertools.product(self.methods, self.targets, self.policies, self.bits, self.ratios)]
+    fmts = [dict(format=f, bits=0, ratio=r, policy=p, method="max", target=t)
+            for t, p, f, r in itertools.product(self.targets, self.policies, self.formats, self.ratios)]
+    return ints + fmts
 
 
 def _apply_policy(step: jax.Array, policy_id: jax.Array) -> jax.Array:
@@ -203,13 +215,20 @@ class Sweep:
     acts = record_activations(model, recording, calibration, self.paths) if needs_acts else {}
     self.act_grids = {p: ("unsigned" if v.min() >= 0 else "signed") for p, v in acts.items()}
     self._acts = {p: jnp.asarray(v) for p, v in acts.items()}
-    bits = list(grid.bits)
+    bits = list(grid.bits) or [8]  # formats only: a placeholder bit-width for the (unused) integer step tables
     self._arrays = {
         "bits": jnp.asarray([pt["bits"] for pt in self.points], jnp.int32),
-        "bit_idx": jnp.asarray([bits.index(pt["bits"]) for pt in self.points], jnp.int32),
+        "bit_idx": jnp.asarray([bits.index(pt["bits"]) if pt["bits"] else 0 for pt in self.points], jnp.int32),
         "ratio": jnp.asarray([pt["ratio"] for pt in self.points], jnp.float32),
         "policy": jnp.asarray([POLICIES.index(pt["policy"]) for pt in self.points], jnp.int32),
-        "method": jnp.asarray([grid.methods.index(pt["method"]) for pt in self.points], jnp.int32),
+        "method": jnp.asarray([grid.methods.index(pt["method"]) if not pt["format"] else 0 for pt in self.points],
+                              jnp.int32),
+        # number formats: the index into formats.FORMATS the hook switches on (−1: the integer grid), and into
+        # grid.formats for the scale tables
+        "fmt": jnp.asarray([formats_lib.FORMATS.index(pt["format"]) if pt["format"] else -1 for pt in self.points],
+                           jnp.int32),
+        "fmt_idx": jnp.asarray([grid.formats.index(pt["format"]) if pt["format"] else 0 for pt in self.points],
+                               jnp.int32),
         "w_on": jnp.asarray([pt["target"] in ("weights", "both") for pt in self.points]),
         "a_on": jnp.asarray([pt["target"] in ("activations", "both") for pt in self.points]),
     }
@@ -298,7 +317,13 @@ class Sweep:
 
     w = {p: jnp.stack([weight_steps(p, k, m) for m in self.grid.methods]) for p, k in kernels.items()}
     a = {p: jnp.stack([act_steps(p, v, m) for m in self.grid.methods]) for p, v in acts.items()}
-    return {"w": w, "a": a}
+    out = {"w": w, "a": a}
+    if self.grid.formats:  # each format's max scaling: (n_formats,) per tensor or (n_formats, 1, …, C) per channel
+      fs = self.grid.formats
+      out["wf"] = {p: formats_lib.max_scales(k, fs, channel_axis=-1 if axis is not None else None)
+                   for p, k in kernels.items()}
+      out["af"] = {p: formats_lib.max_scales(v, fs) for p, v in acts.items()}
+    return out
 
   def _quant_for_point(self, base: dict, pt: dict) -> dict:
     layers = {}
@@ -311,10 +336,16 @@ class Sweep:
         entry["w_tanh"] = jnp.asarray(True)
       if self.grid.bias_correction != "none":
         entry["w_bias_corr"] = jnp.asarray(BIAS_CORRECTIONS.index(self.grid.bias_correction))
+      if self.grid.formats:  # the number-format path of the hook (fmt −1: the integer grid above)
+        entry.update(w_fmt=jnp.where(pt["w_on"], pt["fmt"], -1),
+                     w_scale=_apply_policy(base["wf"][p][pt["fmt_idx"]], pt["policy"]), w_ratio=pt["ratio"])
       if p in base["a"]:
         a_ratio = 1.0 if sliding else pt["ratio"]  # sliding perturbs the weights only
         a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * a_ratio, pt["policy"])
         entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
+        if self.grid.formats:
+          entry.update(a_fmt=jnp.where(pt["a_on"], pt["fmt"], -1),
+                       a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"])
       layers[p] = entry
     return quant_collection(None, layers)
 
