@@ -25,8 +25,12 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from kure_jax import report
+  from kure_jax.checkpoint import quiet_orbax_logs
   from kure_jax.errors import UserError
   from kure_jax.evaluate import run_eval
+
+  if not FLAGS["verbosity"].present:  # every checkpoint failure is reported below, in one line
+    quiet_orbax_logs()
 
   try:
     rows = run_eval(FLAGS.config, FLAGS.checkpoint, FLAGS.label, FLAGS.out, progress=FLAGS.config.get("progress", True))

@@ -30,8 +30,12 @@ def main(argv):
 
   if FLAGS.distributed:
     jax.distributed.initialize()
+  from kure_jax.checkpoint import quiet_orbax_logs
   from kure_jax.errors import UserError
   from kure_jax.train import train_and_evaluate
+
+  if not FLAGS["verbosity"].present:  # every checkpoint failure is reported below, in one line
+    quiet_orbax_logs()
 
   workdir = FLAGS.workdir or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])

@@ -96,6 +96,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ("checkpoint_every_steps", "log_every_steps", "keep_checkpoints"):
     if config[field] <= 0:
       bad(field, f"must be > 0, got {config[field]}.")
+  if config.get("resume_step") is not None and config.resume_step < 0:
+    bad("resume_step", f"must be ≥ 0 (a step in <workdir>/checkpoints; unset: the newest), got {config.resume_step}.")
 
 
 def kure_selection(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -240,6 +242,9 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
       metrics["kure_act"] = act
     if lam_g > 0:
       metrics["grad_l1"] = grad_l1
+    # fault check, on device: the host reads it with the metrics (no sync of its own)
+    metrics["finite"] = jnp.isfinite(loss) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((new, batch_stats))]))
     new_state = {**state, "step": state["step"] + 1, "batch_stats": batch_stats, "opt_state": opt_state}
     if learned_steps:
       new_state.update(params=new["params"], qsteps=new["qsteps"])
@@ -382,18 +387,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
   state = sharding.replicate(state, mesh)
-  if ckpt.latest_step() is not None:
-    saved = ckpt.read_meta(ckpt.latest_step()).get("quant")
-    if saved != meta.get("quant"):
-      raise UserError(f"{workdir} holds a checkpoint trained with quant={saved}, but the config asks for "
-                      f"quant={meta.get('quant')}. It was left untouched: pick another --workdir (or fix the config).")
-    state, _ = ckpt.restore(state, meta)
-    _truncate_metrics(workdir, int(state["step"]))
-  elif config.get("init_from"):
-    state = _init_from(config, state, meta)
-    if lsq:  # LSQ's steps start from the weights they will quantize
-      state = _with_lsq_steps(state, spec, model, probe, tx, weight_grid)
-    state = sharding.replicate(state, mesh)
+  resume_step = config.get("resume_step")  # None: the newest checkpoint
+  try:
+    if ckpt.latest_step() is not None or resume_step is not None:
+      state, _ = ckpt.restore(state, meta, step=resume_step)  # metadata, checksum and finiteness checked
+      if resume_step is not None:
+        ckpt.discard_after(resume_step)
+      _truncate_metrics(workdir, int(state["step"]))
+    elif config.get("init_from"):
+      state = _init_from(config, state, meta)
+      if lsq:  # LSQ's steps start from the weights they will quantize
+        state = _with_lsq_steps(state, spec, model, probe, tx, weight_grid)
+      state = sharding.replicate(state, mesh)
+  except BaseException:
+    ckpt.abort()  # release orbax's threads; the error on its way out is the one to report
+    raise
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -409,21 +417,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(state["step"])
   step = start
   pending: list[dict] = []
+  unchecked: list[tuple[int, jax.Array, jax.Array]] = []  # (step, finite flag, loss) still on device
   last = {"time": time.perf_counter(), "step": start}
   eval_metrics: dict[str, Any] = {}
   bar = _progress(range(start, total_steps), total=total_steps, desc="train", enabled=progress)
   if progress:
     bar.update(start)
   batches: Iterator = train_ds.iterate(start_step=start)
-  with _Stop() as stop:
+  with _Stop() as stop, ckpt:
     for step in range(start, total_steps):
       if stop.requested:
         break
       batch = sharding.shard_batch(next(batches), mesh)
       state, m = train_step(state, batch)
-      pending.append(m)
       done = step + 1
+      unchecked.append((done, m.pop("finite"), m["loss"]))
+      pending.append(m)
       if done % config.log_every_steps == 0 or done == total_steps:
+        _check_finite(unchecked, ckpt)
         host = jax.device_get(pending)
         pending = []
         now = time.perf_counter()
@@ -437,8 +448,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if progress:
         bar.update(1)
       if done % config.checkpoint_every_steps == 0 and done != total_steps:
+        _check_finite(unchecked, ckpt)
         ckpt.save(done, state, meta)
       if done % steps_per_epoch == 0 or done == total_steps:
+        _check_finite(unchecked, ckpt)
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         if spec is not None:  # a QAT model is scored as it trains: quantized
           variables["quant"] = qat.quant_for_training(spec, state.get("qsteps", {}), weight_grid)
@@ -448,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(done, "eval", {**eval_metrics, "epoch": done / steps_per_epoch, "kurtosis": kurt})
         writer.flush()
     final_step = int(jax.device_get(state["step"]))
+    _check_finite(unchecked, ckpt)
     if final_step > start:
       ckpt.save(final_step, state, meta)
     ckpt.close()
@@ -455,6 +469,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar.close()
   writer.close()
   return {"step": final_step, "interrupted": final_step < total_steps, **eval_metrics}
+
+
+def _check_finite(unchecked: list[tuple[int, jax.Array, jax.Array]], ckpt: Checkpointer) -> None:
+  """Read the steps' on-device finite flags (one fetch; at points that sync anyway) and stop at the first bad one.
+
+  Called before every log row, checkpoint, evaluation and the final save, at the same steps on
+  every host, so no checkpoint holds a non-finite state and all hosts stop together.
+  """
+  if not unchecked:
+    return
+  flags = jax.device_get([flag for _, flag, _ in unchecked])
+  for (step, _, loss), ok in zip(unchecked, flags):
+    if not ok:
+      loss = float(jax.device_get(loss))
+      what = "weights" if np.isfinite(loss) else "loss"
+      newest = ckpt.latest_step()
+      then = (f"every checkpoint is finite; the newest is step {newest}. Lower --config.schedule.learning_rate "
+              f"(or raise --config.schedule.warmup_epochs) and rerun the command to resume from step {newest}."
+              if newest is not None else "no checkpoint was written. Lower --config.schedule.learning_rate "
+              "(or raise --config.schedule.warmup_epochs) and rerun.")
+      raise UserError(f"training diverged: the {what} became non-finite at step {step} (loss {loss:g}); "
+                      f"the run stopped there and {then}")
+  unchecked.clear()
 
 
 def _with_lsq_steps(state: State, spec: qat.QatSpec, model, images: np.ndarray, tx: optax.GradientTransformation,

@@ -258,6 +258,7 @@ def test_tfds_by_name_on_mock_data(name, image_size, num_classes, eval_split):
     assert len(masks) == 3 and sum(m.sum() for m in masks) == 20  # 8 + 8 + 4 (+4 padding)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason=f"real CIFAR-10 not found at {SHARED_CIFAR10} "
                     "(the shared JPEG tarballs beside the project)")
 def test_real_cifar10_test_split_from_tarball():

@@ -110,6 +110,7 @@ MULTI_DEVICE_EVAL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_devices_score_like_one(trained, tmp_path):
   folder, workdir = trained
   e = env()

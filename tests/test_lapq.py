@@ -216,6 +216,7 @@ def test_bias_correction_in_the_sweep(small):
 # -- real data ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="the real CIFAR-10 (../shared/data/cifar10) is not on this machine")
 def test_real_cifar10_lapq_beats_mse_steps(tmp_path):
   from configs import cifar10_resnet20

@@ -52,6 +52,7 @@ def test_notebook_is_committed_without_outputs():
   assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason=f"the real CIFAR-10 is not on this machine (expected the "
                     f"shared JPEG tarballs at {SHARED_CIFAR10}, i.e. ../shared/data/cifar10 beside the repository)")
 def test_notebook_runs_on_real_cifar10(tmp_path, monkeypatch):

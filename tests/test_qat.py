@@ -210,6 +210,7 @@ def test_lsq_resume_is_bit_identical(folder, float_run, tmp_path):
   chex.assert_trees_all_equal(a, b)
 
 
+@pytest.mark.slow
 def test_kure_moves_latent_kurtosis_during_qat(folder, float_run, tmp_path):
   workdir = str(tmp_path / "k")
   c = qat_config(folder, float_run, **{"quant.method": "dorefa", "kure.weight": 1.0, "kure.activations": 0.1},
@@ -223,6 +224,7 @@ def test_kure_moves_latent_kurtosis_during_qat(folder, float_run, tmp_path):
 # -- real data ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="the real CIFAR-10 (../shared/data/cifar10) is not on this machine")
 def test_real_cifar10_qat_w2_beats_ptq_w2(tmp_path):
   def config(**kw):

@@ -128,6 +128,7 @@ def randomized_torchvision(name: str, seed: int = 0, num_classes: int = 1000):
   return m.eval()
 
 
+@pytest.mark.slow
 @needs_torch
 @pytest.mark.parametrize("name", ARCHS)
 def test_parity_with_torchvision(name, tmp_path):
@@ -274,6 +275,7 @@ def run_on_mock_imagenet(config, workdir):
     return train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_resnet18_smoke_on_mock_imagenet(tmp_path):
   workdir = str(tmp_path / "r18")
   result = run_on_mock_imagenet(mock_imagenet_config(), workdir)
@@ -286,6 +288,7 @@ def test_resnet18_smoke_on_mock_imagenet(tmp_path):
   assert np.isfinite(ev["loss"]) and len(ev["kurtosis"]) == 19  # every kernel but the stem and fc
 
 
+@pytest.mark.slow
 @needs_torch
 def test_init_from_torchvision_on_mock_imagenet(tmp_path):
   m = randomized_torchvision("resnet18")
@@ -310,6 +313,7 @@ def test_init_from_torchvision_on_mock_imagenet(tmp_path):
 COSTS = {"resnet18": (5004, 90, 9.92), "resnet50": (10009, 90, 23.73), "mobilenet_v2": (5004, 50, 1.94)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ARCHS)
 def test_imagenet_config_costs(name):
   import importlib

@@ -139,6 +139,7 @@ def test_corrupt_checkpoint_is_refused_and_untouched(folder, tmp_path):
   assert _state_files(workdir) == before
 
 
+@pytest.mark.slow
 def test_kill_minus_9_and_resume_is_bit_identical(folder, tmp_path):
   overrides = {"max_steps": 30, "checkpoint_every_steps": 4, "log_every_steps": 2, "kure.weight": 0.5,
                "batch_size": 32, "num_epochs": 10}
@@ -202,6 +203,7 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(folder):
   e = env()
   e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -214,6 +216,7 @@ def test_four_devices_match_one(folder):
   np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="the real CIFAR-10 (../shared/data/cifar10) is not on this machine")
 def test_real_cifar10_kure_moves_kurtosis_and_loss_falls(tmp_path):
   c = cifar10_resnet20.get_config()
