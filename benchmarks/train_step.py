@@ -1,15 +1,21 @@
-"""Images/s of a ResNet-20 train step: JAX plain, JAX + KURE, PyTorch eager, side by side.
+"""Images/s of the ResNet-20 train step (CE + KURE) against PyTorch eager, side by side in one run.
 
-  python benchmarks/train_step.py [--batch 128] [--repeats 7] [--steps 20]
+  python benchmarks/train_step.py [--batches 64,128,256] [--repeats 7] [--steps 5]
 
-All three run in one process on the same synthetic CIFAR-sized batch, interleaved
-round by round, so machine noise hits them alike; the table gives medians over the
-rounds and ratios. PyTorch comes from the `bench` extra (pip install -e ".[bench]").
+Per batch size: the JAX step with KURE in float32 and with bfloat16 compute
+(``config.dtype``), the float32 step with KURE off (KURE's overhead), optionally the
+float32 step with plain ``lax.conv_general_dilated`` convolutions (the models' conv
+before `kure_jax.models.conv`: ``--lax-conv``), and PyTorch eager (float32). Also the
+eval forward pass (JAX jit vs PyTorch ``no_grad``) and the CPU's matmul peak, measured
+by a large ``jnp.dot`` in the same rounds. Every measurement is interleaved round by
+round, so machine noise hits all alike; the tables give medians over rounds and ratios.
+PyTorch comes from the `bench` extra (pip install -e ".[bench]").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -21,22 +27,48 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/, benchmarks/ importable
 
+IMAGE = (32, 32, 3)
 
-def jax_step(kure_weight: float, batch: int):
+
+@contextlib.contextmanager
+def lax_convolutions():
+  """Trace QConv with plain lax.conv_general_dilated (the pre-`conv2d` models), for comparison."""
+  from kure_jax.models import conv, layers
+
+  def plain(x, kernel, strides=1, padding="SAME", feature_group_count=1):
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=conv.DIMENSION_NUMBERS,
+                                        feature_group_count=feature_group_count)
+
+  saved, layers.conv2d = layers.conv2d, plain
+  try:
+    yield
+  finally:
+    layers.conv2d = saved
+
+
+def synthetic_batch(batch: int) -> dict:
+  rng = np.random.default_rng(0)
+  return {"image": jnp.asarray(rng.normal(size=(batch, *IMAGE)), jnp.float32),
+          "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32), "mask": jnp.ones(batch, bool)}
+
+
+def jax_step(batch: int, kure_weight: float, dtype: str = "float32", lax_conv: bool = False):
+  """A runner doing n compiled train steps (the project's make_train_step, state donated)."""
   from configs import cifar10_resnet20
   from kure_jax import models
   from kure_jax.train import create_state, make_optimizer, make_schedule, make_train_step
 
   config = cifar10_resnet20.get_config()
   config.kure.weight = kure_weight
-  model = models.get_model("resnet20", 10)
+  config.dtype = dtype
+  model = models.get_model("resnet20", 10, **({} if dtype == "float32" else {"dtype": jnp.dtype(dtype)}))
   schedule = make_schedule(config, 390, 390 * 60)
   tx = make_optimizer(config, schedule)
-  state = create_state(model, tx, jax.random.PRNGKey(0), (32, 32, 3))
-  step = jax.jit(make_train_step(model, tx, config, schedule), donate_argnums=0)
-  rng = np.random.default_rng(0)
-  data = {"image": jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32),
-          "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32), "mask": jnp.ones(batch, bool)}
+  state = create_state(model, tx, jax.random.PRNGKey(0), IMAGE)
+  data = synthetic_batch(batch)
+  with lax_convolutions() if lax_conv else contextlib.nullcontext():
+    step = jax.jit(make_train_step(model, tx, config, schedule), donate_argnums=0).lower(state, data).compile()
   holder = {"state": state}
 
   def run(n):
@@ -49,7 +81,50 @@ def jax_step(kure_weight: float, batch: int):
   return run
 
 
-def torch_step(batch: int):
+def jax_eval(batch: int):
+  """n jitted eval forward passes (float32, running statistics)."""
+  from kure_jax import models
+
+  model = models.get_model("resnet20", 10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), IMAGE)
+  x = synthetic_batch(batch)["image"]
+  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+
+  def run(n):
+    for _ in range(n):
+      y = fwd(variables, x)
+    jax.block_until_ready(y)
+
+  return run
+
+
+def model_flops(batch: int) -> float:
+  """FLOPs of one train step by the usual convention: 3 × the forward pass's (XLA's count)."""
+  from kure_jax import models
+
+  model = models.get_model("resnet20", 10)
+  variables = models.init_variables(model, jax.random.PRNGKey(0), IMAGE)
+  x = synthetic_batch(batch)["image"]
+  cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return 3.0 * float(cost["flops"])
+
+
+def matmul_peak(dtype: str, n: int = 2048):
+  """A runner doing n large square jnp.dot's; returns its FLOPs per call too."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+  f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
+  f(a).block_until_ready()
+
+  def run(k):
+    for _ in range(k):
+      y = f(a)
+    y.block_until_ready()
+
+  return run, 2.0 * n**3
+
+
+def torch_runners(batch: int):
   import torch
   import torch.nn.functional as F
 
@@ -57,52 +132,108 @@ def torch_step(batch: int):
 
   torch.manual_seed(0)
   model = ResNet20()
-  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
   x = torch.randn(batch, 3, 32, 32)
   y = torch.randint(0, 10, (batch,))
 
-  def run(n):
+  def train(n):
+    model.train()
     for _ in range(n):
       opt.zero_grad(set_to_none=True)
       loss = F.cross_entropy(model(x), y)
       loss.backward()
       opt.step()
 
-  return run
+  def evaluate(n):
+    model.eval()
+    with torch.no_grad():
+      for _ in range(n):
+        model(x)
+
+  return train, evaluate
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--repeats", type=int, default=7)
-  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--batches", default="64,128,256", help="comma-separated batch sizes")
+  p.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
+  p.add_argument("--steps", type=int, default=5, help="steps per measurement")
+  p.add_argument("--eval-batch", type=int, default=128, help="eval forward batch (0: skip)")
+  p.add_argument("--lax-conv", action="store_true", help="also the float32 step with plain lax convolutions")
+  p.add_argument("--no-bf16", action="store_true")
   p.add_argument("--no-torch", action="store_true")
   args = p.parse_args()
+  batches = [int(b) for b in args.batches.split(",")]
 
-  runners = {"jax plain": jax_step(0.0, args.batch), "jax + KURE": jax_step(1.0, args.batch)}
-  if not args.no_torch:
-    try:
-      runners["torch eager"] = torch_step(args.batch)
-    except ImportError:
-      print("(PyTorch not installed: pip install -e '.[bench]')")
-  for run in runners.values():  # compile / warm up
-    run(3)
-  rates = {k: [] for k in runners}
+  runners: dict[tuple, callable] = {}
+  torch_ok = not args.no_torch
+  for b in batches:
+    runners[(b, "jax f32 + KURE")] = jax_step(b, 1.0)
+    runners[(b, "jax f32, KURE off")] = jax_step(b, 0.0)
+    if not args.no_bf16:
+      runners[(b, "jax bf16 + KURE")] = jax_step(b, 1.0, "bfloat16")
+    if args.lax_conv:
+      runners[(b, "jax f32 + KURE, lax conv")] = jax_step(b, 1.0, lax_conv=True)
+    if torch_ok:
+      try:
+        runners[(b, "torch eager f32")] = torch_runners(b)[0]
+      except ImportError:
+        print("(PyTorch not installed: pip install -e '.[bench]')")
+        torch_ok = False
+  if args.eval_batch:
+    runners[(args.eval_batch, "eval: jax jit f32")] = jax_eval(args.eval_batch)
+    if torch_ok:
+      runners[(args.eval_batch, "eval: torch no_grad f32")] = torch_runners(args.eval_batch)[1]
+  peaks = {}
+  for dt in ("float32",) + (() if args.no_bf16 else ("bfloat16",)):
+    run, flops = matmul_peak(dt)
+    runners[(0, f"peak {dt}")] = run
+    peaks[dt] = flops
+
+  for run in runners.values():  # warm up
+    run(2)
+  secs = {k: [] for k in runners}
   for _ in range(args.repeats):
-    for name, run in runners.items():
+    for key, run in runners.items():
+      n = args.steps if key[0] else 2
       t = time.perf_counter()
-      run(args.steps)
-      rates[name].append(args.steps * args.batch / (time.perf_counter() - t))
-  med = {k: statistics.median(v) for k, v in rates.items()}
-  base = med["jax plain"]
-  print(f"ResNet-20 train step, batch {args.batch}, {jax.devices()[0].platform}, median of {args.repeats}×{args.steps} steps")
-  print("| step | images/s (median) | min–max | ratio to jax plain |")
-  print("| --- | ---: | ---: | ---: |")
-  for k, v in med.items():
-    print(f"| {k} | {v:,.0f} | {min(rates[k]):,.0f}–{max(rates[k]):,.0f} | {v / base:.3f} |")
-  if "torch eager" in med:
-    print(f"\nKURE overhead: {100 * (1 - med['jax + KURE'] / base):+.1f}%   "
-          f"jax + KURE / torch eager: {med['jax + KURE'] / med['torch eager']:.2f}×")
+      run(n)
+      secs[key].append((time.perf_counter() - t) / n)
+  med = {k: statistics.median(v) for k, v in secs.items()}
+  peak = {dt: peaks[dt] / med[(0, f"peak {dt}")] for dt in peaks}
+  flops = {b: model_flops(b) for b in batches}
+
+  print(f"ResNet-20 train step (CE + KURE λ=1, SGD), {jax.devices()[0].platform}, jax {jax.__version__}; "
+        f"median of {args.repeats} interleaved rounds × {args.steps} steps")
+  print("matmul peak (2048² jnp.dot): " + ", ".join(f"{dt} {v / 1e9:,.0f} GFLOP/s" for dt, v in peak.items()))
+  print(f"model FLOPs per image and step (3 × forward): {flops[batches[0]] / batches[0] / 1e6:.0f} M")
+  print("\n| batch | step | images/s (median) | min–max | vs torch eager | % of matmul peak (own dtype) |")
+  print("| ---: | --- | ---: | ---: | ---: | ---: |")
+  for b in batches:
+    torch_rate = b / med[(b, "torch eager f32")] if (b, "torch eager f32") in med else None
+    for (bb, name), s in med.items():
+      if bb != b or name.startswith("eval"):
+        continue
+      rate = b / s
+      lo, hi = b / max(secs[(bb, name)]), b / min(secs[(bb, name)])
+      vs = f"{rate / torch_rate:.2f}×" if torch_rate else "–"
+      ref = peak["bfloat16"] if "bf16" in name else peak["float32"]
+      frac = f"{100 * flops[b] / s / ref:.0f}%"
+      print(f"| {b} | {name} | {rate:,.0f} | {lo:,.0f}–{hi:,.0f} | {vs} | {frac} |")
+  print()
+  for b in batches:
+    overhead = med[(b, "jax f32 + KURE")] / med[(b, "jax f32, KURE off")] - 1
+    line = f"batch {b}: KURE overhead {100 * overhead:+.1f}%"
+    if (b, "jax f32 + KURE, lax conv") in med:
+      line += f"; conv2d vs lax conv: {med[(b, 'jax f32 + KURE, lax conv')] / med[(b, 'jax f32 + KURE')]:.2f}×"
+    print(line)
+  if args.eval_batch:
+    e = args.eval_batch
+    line = f"eval forward, batch {e}: jax {e / med[(e, 'eval: jax jit f32')]:,.0f} images/s"
+    if (e, "eval: torch no_grad f32") in med:
+      line += (f", torch {e / med[(e, 'eval: torch no_grad f32')]:,.0f} images/s, "
+               f"jax / torch {med[(e, 'eval: torch no_grad f32')] / med[(e, 'eval: jax jit f32')]:.2f}×")
+    print(line)
 
 
 if __name__ == "__main__":

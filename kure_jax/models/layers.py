@@ -11,6 +11,10 @@ can sweep them):
   w_bias_corr      optional: bias correction of the quantized kernel per output channel
                    (0 none, 1 restore the float mean, 2 restore the float mean and std;
                    see `bias_correct`)
+  w_fmt, w_scale, w_ratio   optional: a number format of `kure_jax.formats` (an index into
+                   `formats.FORMATS`; −1 keeps the integer grid above), its scale (per tensor or
+                   per channel) and a step ratio; block formats run along the kernel's input axis
+  a_fmt, a_scale, a_ratio   the same for the input activation (blocks along its channels)
 
 A bit-width of 0 means "leave in float", so a vmapped sweep can switch weight or
 activation quantization on and off without recompiling. What is static (the grid,
@@ -30,8 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kure_jax import formats as F
 from kure_jax import quant as Q
 from kure_jax.kurtosis import kernel_leaves
+from kure_jax.models.conv import conv2d
 
 QUANT = "quant"
 INTERMEDIATES = "intermediates"
@@ -78,13 +84,29 @@ def quant_hook(mdl: nn.Module, x: jax.Array, kernel: jax.Array, *, weight_grid: 
       mode = jnp.where(jnp.asarray(w_bits) > 0, mdl.get_variable(QUANT, "w_bias_corr"), 0)
       quantized = bias_correct(quantized, kernel, mode)
     kernel = quantized
+  if mdl.has_variable(QUANT, "w_fmt"):
+    kernel = _maybe_format(kernel, *(mdl.get_variable(QUANT, k) for k in ("w_fmt", "w_scale", "w_ratio")), axis=-2)
   if mdl.has_variable(QUANT, "a_bits"):
     x = _maybe_quantize(x, mdl.get_variable(QUANT, "a_step"), mdl.get_variable(QUANT, "a_bits"), act_grid)
+  if mdl.has_variable(QUANT, "a_fmt"):
+    x = _maybe_format(x, *(mdl.get_variable(QUANT, k) for k in ("a_fmt", "a_scale", "a_ratio")), axis=-1)
   return x, kernel
 
 
+def _maybe_format(x: jax.Array, fmt: jax.Array, scale: jax.Array, ratio: jax.Array, *, axis: int) -> jax.Array:
+  """x in the number format ``formats.FORMATS[fmt]`` where fmt ≥ 0 (traced: one compiled function serves
+  every format); x itself where fmt < 0."""
+  fmt = jnp.asarray(fmt)
+  q = F.fake_quantize_by_index(x, jnp.maximum(fmt, 0), scale, ratio, axis=axis)
+  return jnp.where(fmt >= 0, q, x)
+
+
 class QConv(nn.Module):
-  """A 2-D convolution (NHWC, HWIO kernel named 'kernel' like ``nn.Conv``) with the hook."""
+  """A 2-D convolution (NHWC, HWIO kernel named 'kernel' like ``nn.Conv``) with the hook.
+
+  The convolution is `kure_jax.models.conv.conv2d`: lax's values and gradients, with a
+  backward pass that reads a materialized copy of the input (fast on XLA:CPU).
+  """
 
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -108,9 +130,7 @@ class QConv(nn.Module):
     x, kernel = quant_hook(self, x, kernel, weight_grid=self.weight_grid, act_grid=self.act_grid)
     dtype = self.dtype or jnp.result_type(x, kernel)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), window_strides=strides, padding=self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.feature_group_count)
+    y = conv2d(x.astype(dtype), kernel.astype(dtype), strides, self.padding, self.feature_group_count)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(dtype)
     return y
