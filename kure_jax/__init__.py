@@ -15,7 +15,39 @@ from kure_jax.quant import quantize
 
 __version__ = "0.1.0"
 
+# Entry points that pull in Flax, optax, orbax or the data pipeline load on first use (PEP 562), so
+# `import kure_jax` stays light.
+_LAZY = {
+    "formats": ("kure_jax.formats", None),
+    "fake_quantize": ("kure_jax.formats", "fake_quantize"),
+    "Grid": ("kure_jax.robustness", "Grid"),
+    "Sweep": ("kure_jax.robustness", "Sweep"),
+    "run_eval": ("kure_jax.evaluate", "run_eval"),
+    "train_and_evaluate": ("kure_jax.train", "train_and_evaluate"),
+    "load_variables": ("kure_jax.checkpoint", "load_variables"),
+    "get_model": ("kure_jax.models", "get_model"),
+}
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'kure_jax' has no attribute {name!r}")
+  import importlib
+
+  module, attr = _LAZY[name]
+  value = importlib.import_module(module)
+  return value if attr is None else getattr(value, attr)
+
+
 __all__ = [
+    "Grid",
+    "Sweep",
+    "fake_quantize",
+    "formats",
+    "get_model",
+    "load_variables",
+    "run_eval",
+    "train_and_evaluate",
     "KURTOSIS_GAUSSIAN",
     "KURTOSIS_LAPLACE",
     "KURTOSIS_UNIFORM",

@@ -76,3 +76,16 @@ def test_shipped_weights_reproduce_their_manifest(name):
   assert top1 == pytest.approx(entry["top1_float"], abs=0.015)
   kurt = np.mean(list(jax.device_get(kurtosis_by_layer(variables["params"])).values()))
   assert kurt == pytest.approx(entry["kurtosis_mean"], abs=1e-3)
+
+
+def test_package_exports_the_entry_points():
+  import kure_jax
+  from kure_jax.evaluate import run_eval
+  from kure_jax.robustness import Grid, Sweep
+  from kure_jax.train import train_and_evaluate
+
+  assert (kure_jax.Sweep, kure_jax.Grid, kure_jax.run_eval, kure_jax.train_and_evaluate) == (
+      Sweep, Grid, run_eval, train_and_evaluate)
+  assert set(kure_jax.__all__) >= {"Sweep", "Grid", "run_eval", "train_and_evaluate", "fake_quantize"}
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    kure_jax.nope  # noqa: B018
