@@ -16,14 +16,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+
+def _preset_host_devices(argv: list[str]) -> None:
+  """--host-devices N has to reach XLA before jax is imported."""
+  for i, a in enumerate(argv):
+    if a.startswith("--host-devices"):
+      n = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+      os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+
+
+if __name__ == "__main__":
+  _preset_host_devices(sys.argv)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/, benchmarks/ importable
 
@@ -53,10 +67,13 @@ def synthetic_batch(batch: int) -> dict:
           "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32), "mask": jnp.ones(batch, bool)}
 
 
-def jax_step(batch: int, kure_weight: float, dtype: str = "float32", lax_conv: bool = False):
-  """A runner doing n compiled train steps (the project's make_train_step, state donated)."""
+def jax_step(batch: int, kure_weight: float, dtype: str = "float32", lax_conv: bool = False, devices: int = 1):
+  """A runner doing n compiled train steps (the project's make_train_step, state donated).
+
+  devices > 1: the batch sharded over that many (host) devices, as train.py runs it.
+  """
   from configs import cifar10_resnet20
-  from kure_jax import models
+  from kure_jax import models, sharding
   from kure_jax.train import create_state, make_optimizer, make_schedule, make_train_step
 
   config = cifar10_resnet20.get_config()
@@ -67,8 +84,12 @@ def jax_step(batch: int, kure_weight: float, dtype: str = "float32", lax_conv: b
   tx = make_optimizer(config, schedule)
   state = create_state(model, tx, jax.random.PRNGKey(0), IMAGE)
   data = synthetic_batch(batch)
+  mesh = sharding.make_mesh(jax.devices()[:devices])
+  state, data = sharding.replicate(state, mesh), sharding.shard_batch(data, mesh)
+  rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   with lax_convolutions() if lax_conv else contextlib.nullcontext():
-    step = jax.jit(make_train_step(model, tx, config, schedule), donate_argnums=0).lower(state, data).compile()
+    step = jax.jit(make_train_step(model, tx, config, schedule), in_shardings=(rep, bat), out_shardings=(rep, rep),
+                   donate_argnums=0).lower(state, data).compile()
   holder = {"state": state}
 
   def run(n):
@@ -78,6 +99,7 @@ def jax_step(batch: int, kure_weight: float, dtype: str = "float32", lax_conv: b
     jax.block_until_ready(m["loss"])
     holder["state"] = s
 
+  run.hlo = step.as_text()
   return run
 
 
@@ -95,7 +117,102 @@ def jax_eval(batch: int):
       y = fwd(variables, x)
     jax.block_until_ready(y)
 
+  run.hlo = fwd.as_text()
   return run
+
+
+# ----------------------------------------------------------------------------------
+# Where the time goes: XLA's per-op trace, joined with the optimized HLO, per op class.
+
+OP_CLASSES = ("conv forward", "conv input-grad", "conv filter-grad", "dot (incl. materialize)",
+              "transpose/copy", "reduce (BN statistics, sums)", "elementwise (BN, ReLU, residual, optimizer)")
+
+
+def _hlo_ops(hlo: str) -> dict[str, str]:
+  """Entry instruction name -> op class, from the optimized HLO text."""
+  bodies, current, entry = {}, None, None
+  for line in hlo.splitlines():
+    m = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if m and not line.startswith(" "):
+      current, bodies[m.group(2)] = m.group(2), []
+      entry = current if m.group(1) else entry
+    elif current and line.startswith("  "):
+      bodies[current].append(line)
+  classes = {}
+  for line in bodies.get(entry, []):
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(", line)
+    if not m:
+      continue
+    name, opcode = m.groups()
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    body = "\n".join(bodies.get(called.group(1), [])) if called else line
+    meta = re.search(r'op_name="([^"]*)"', line)
+    if "convolution(" in body:
+      window = re.search(r"window=\{size=(\d+)x", body)
+      if window and int(window.group(1)) > 7:  # the window is the whole image: a filter gradient
+        classes[name] = "conv filter-grad"
+      elif "lhs_dilate" in body or not meta or "transpose(" in meta.group(1):
+        classes[name] = "conv input-grad"
+      else:
+        classes[name] = "conv forward"
+    elif " dot(" in body:
+      classes[name] = "dot (incl. materialize)"
+    elif name.startswith(("transpose", "copy")) or opcode == "copy":
+      classes[name] = "transpose/copy"
+    elif " reduce(" in body:
+      classes[name] = "reduce (BN statistics, sums)"
+    elif opcode not in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
+      classes[name] = "elementwise (BN, ReLU, residual, optimizer)"
+  return classes
+
+
+def op_class_profile(run, n: int = 3) -> dict[str, float]:
+  """Seconds per call and op class, from a jax.profiler trace of `run(n)`.
+
+  XLA:CPU runs independent ops concurrently on its threads; each instant of wall time
+  is split equally among the ops running then, so the classes add up to the wall time
+  spent inside XLA ops.
+  """
+  import collections
+  import glob
+  import tempfile
+
+  from jax.profiler import ProfileData
+
+  classes = _hlo_ops(run.hlo)
+  run(1)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      run(n)
+    data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+  edges = collections.defaultdict(list)
+  for plane in data.planes:
+    for line in plane.lines:
+      for ev in line.events:
+        if ev.name in classes:
+          edges[ev.start_ns].append((1, ev.name))
+          edges[ev.start_ns + ev.duration_ns].append((-1, ev.name))
+  out, active, prev = collections.Counter(), collections.Counter(), None
+  for t in sorted(edges):
+    if prev is not None and active:
+      k = sum(active.values())
+      for name, c in active.items():
+        out[classes[name]] += (t - prev) * c / k / 1e9 / n
+    for d, name in edges[t]:
+      active[name] += d
+      if not active[name]:
+        del active[name]
+    prev = t
+  return dict(out)
+
+
+def print_profile(title: str, prof: dict[str, float], step_s: float) -> None:
+  total = sum(prof.values())
+  print(f"\n{title}: {1e3 * step_s:.0f} ms per call, {1e3 * total:.0f} ms inside XLA ops")
+  print("| op class | ms per call | share |")
+  print("| --- | ---: | ---: |")
+  for k in sorted(prof, key=prof.get, reverse=True):
+    print(f"| {k} | {1e3 * prof[k]:.0f} | {100 * prof[k] / total:.0f}% |")
 
 
 def model_flops(batch: int) -> float:
@@ -130,6 +247,7 @@ def torch_runners(batch: int):
 
   from benchmarks.torch_resnet20 import ResNet20
 
+  torch.set_num_threads(len(os.sched_getaffinity(0)))  # the CPUs this process may use (taskset)
   torch.manual_seed(0)
   model = ResNet20()
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -162,6 +280,10 @@ def main():
   p.add_argument("--lax-conv", action="store_true", help="also the float32 step with plain lax convolutions")
   p.add_argument("--no-bf16", action="store_true")
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--profile", action="store_true",
+                 help="after the rounds, the per-op-class profile of the f32 KURE step (first batch) and the eval pass")
+  p.add_argument("--host-devices", type=int, default=1,
+                 help="also run the f32 KURE step data-parallel over this many XLA host devices (>1)")
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
 
@@ -174,6 +296,8 @@ def main():
       runners[(b, "jax bf16 + KURE")] = jax_step(b, 1.0, "bfloat16")
     if args.lax_conv:
       runners[(b, "jax f32 + KURE, lax conv")] = jax_step(b, 1.0, lax_conv=True)
+    if args.host_devices > 1:
+      runners[(b, f"jax f32 + KURE, {args.host_devices} host devices")] = jax_step(b, 1.0, devices=args.host_devices)
     if torch_ok:
       try:
         runners[(b, "torch eager f32")] = torch_runners(b)[0]
@@ -234,6 +358,17 @@ def main():
       line += (f", torch {e / med[(e, 'eval: torch no_grad f32')]:,.0f} images/s, "
                f"jax / torch {med[(e, 'eval: torch no_grad f32')] / med[(e, 'eval: jax jit f32')]:.2f}×")
     print(line)
+  if args.profile:
+    b = batches[0]
+    print_profile(f"jax f32 + KURE train step, batch {b}", op_class_profile(runners[(b, "jax f32 + KURE")]),
+                  med[(b, "jax f32 + KURE")])
+    if args.lax_conv:
+      print_profile(f"jax f32 + KURE train step with lax convolutions, batch {b}",
+                    op_class_profile(runners[(b, "jax f32 + KURE, lax conv")]), med[(b, "jax f32 + KURE, lax conv")])
+    if args.eval_batch:
+      e = args.eval_batch
+      print_profile(f"eval forward, batch {e}", op_class_profile(runners[(e, "eval: jax jit f32")], n=5),
+                    med[(e, "eval: jax jit f32")])
 
 
 if __name__ == "__main__":

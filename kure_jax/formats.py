@@ -375,16 +375,235 @@ def fake_quantize_by_index(x: jax.Array, index: jax.Array | int, scale: jax.Arra
   _check_array_arg(fn, "ratio", ratio, x.shape)
   x32 = quant._f32(x).astype(jnp.float32)
   scale = None if scale is None else quant._f32(scale)
-  out = _by_index(x32, jnp.asarray(index, jnp.int32), scale, quant._f32(ratio), formats=formats, axis=axis)
+  out = _by_index(x32, jnp.asarray(index, jnp.int32), scale, quant._f32(ratio), formats=formats, axis=axis,
+                  switch=SWITCH[0])
   return out.astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("formats", "axis"))
+# ------------------------------------------------------------------ branchless by-index path
+#
+# The by-name path rounds through the float8/float4 dtypes and branches on the format in Python; a traced
+# format index cannot do that without a conditional (lax.switch), and a conditional inside a network under
+# lax.map keeps XLA from fusing the elementwise quantization into its neighbours. So the by-index path
+# rounds with arithmetic on per-format parameters gathered by the index: with c = clip(v, lo, hi) and e the
+# exponent of c (read from its bits: exact, no log2) clamped to [e_lo, e_hi], ulp = 2^(e − mantissa bits) and
+# the element is round_half_even(c / ulp) · ulp. That is RNE onto a float format's values (subnormals: e
+# clamps at the smallest normal exponent), the integer grid (e_lo = e_hi = 0, no mantissa bits: ulp 1) and
+# MXINT8's (ulp 2^−6), bit for bit what the casts give (the tests compare every format with the by-name path).
+
+_EXP_MASK = 0x7F800000  # float32 exponent field
+
+
+@dataclasses.dataclass(frozen=True)
+class _Element:
+  """Element rounding constants, per format (columns of the by-index tables)."""
+
+  lo: float           # clip range in units of the step (the signed integer grid: −2^(b−1) … 2^(b−1)−1)
+  hi: float
+  ef_lo: int          # the exponent clamp as float32 exponent fields (biased, << 23)
+  ef_hi: int
+  mshift: int         # mantissa bits << 23
+  nan_out: bool       # NaN takes the saturated branch (float formats: no gradient) or the inside one (ints)
+
+
+def _element(element: str) -> _Element:
+  if element == "mxint8":
+    return _Element(-_MXINT8_MAX, _MXINT8_MAX, 127 << 23, 127 << 23, 6 << 23, True)
+  if element.startswith("int"):
+    half = 2.0 ** (int(element[3:]) - 1)
+    return _Element(-half, half - 1.0, 127 << 23, 127 << 23, 0, False)
+  fi = ml_dtypes.finfo(_FLOAT_DTYPES[element])
+  emin = math.frexp(float(fi.tiny))[1] - 1
+  emax = math.frexp(float(fi.max))[1] - 1
+  return _Element(-float(fi.max), float(fi.max), (emin + 127) << 23, (emax + 127) << 23, int(fi.nmant) << 23, True)
+
+
+def _round_arith(c: jax.Array, ef_lo, ef_hi, mshift) -> jax.Array:
+  """Round float32 `c` (within the format's range) to nearest even on the grid of its clamped binade."""
+  ef = jnp.clip(jax.lax.bitcast_convert_type(c, jnp.int32) & _EXP_MASK, ef_lo, ef_hi)
+  ulp_bits = ef - mshift
+  ulp = jax.lax.bitcast_convert_type(ulp_bits, jnp.float32)
+  inv_ulp = jax.lax.bitcast_convert_type((254 << 23) - ulp_bits, jnp.float32)  # 1 / ulp, exact
+  return jnp.round(c * inv_ulp) * ulp
+
+
+def _ste_round_arith(v: jax.Array, el: dict) -> jax.Array:
+  """`_ste_round` (floats) and kure_jax.quant's signed grid (ints) with gathered element constants `el`.
+
+  round(clip(v, lo, hi)) in value; gradient 1 inside [lo, hi], 0 outside (the clip level is a constant).
+  """
+  lo, hi = el["lo"], el["hi"]
+  r = jax.lax.stop_gradient(_round_arith(jnp.clip(v, lo, hi), el["ef_lo"], el["ef_hi"], el["mshift"]))
+  outside = (v < lo) | (v > hi) | (jnp.isnan(v) & el["nan_out"])
+  return jnp.where(outside, r, v + jax.lax.stop_gradient(r - v))
+
+
+KINDS: tuple[str, ...] = ("scalar", "mx", "nvfp4")  # scalar: the int and float formats (no blocks)
+
+
+def kind(fmt: str) -> str:
+  """The kind of a format: 'scalar' (integer and float formats), 'mx' or 'nvfp4'."""
+  sp = spec(fmt)
+  return "scalar" if sp.block_size is None else sp.kind
+
+
+def formats_of_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+  """The formats of the given kinds, in `FORMATS` order."""
+  for k in kinds:
+    _checks.check_choice("formats_of_kinds", "kind", k, KINDS)
+  return tuple(f for f in FORMATS if kind(f) in kinds)
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(formats: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """Per-format constants of `formats` as NumPy columns (gathered by the traced index)."""
+  sps = [SPECS[f] for f in formats]
+  els = [_element(sp.element) for sp in sps]
+  cols = {k: np.asarray([getattr(e, k) for e in els]) for k in ("lo", "hi", "ef_lo", "ef_hi", "mshift", "nan_out")}
+  cols = {k: v.astype(np.float32 if k in ("lo", "hi") else (bool if k == "nan_out" else np.int32))
+          for k, v in cols.items()}
+  cols["kind"] = np.asarray([KINDS.index("scalar" if sp.block_size is None else sp.kind) for sp in sps], np.int32)
+  cols["emax"] = np.asarray([sp.emax or 0 for sp in sps], np.int32)
+  denom = [sp.largest * _E4M3_MAX if sp.kind == "nvfp4" else sp.largest for sp in sps]
+  cols["inv_denom"] = np.asarray([np.float32(1.0) / np.float32(d) for d in denom], np.float32)
+  return cols
+
+
+def _blocks_of(y: jax.Array, axis: int, block: int):
+  """`_to_blocks`, without the zero padding when the axis is shorter than a block (one short block: the
+  same amax, nothing to drop again)."""
+  n = y.shape[axis]
+  if n > block:
+    return _to_blocks(y, axis, block)
+  y = jnp.expand_dims(jnp.moveaxis(y, axis, -1), -2)
+  return y, lambda b: jnp.moveaxis(b[..., 0, :], -1, axis)
+
+
+def _abs_max(x: jax.Array) -> jax.Array:
+  """max |x| over the last axis (keepdims), as an integer max of the bit patterns: the same value (|x|'s bits
+  order like its values, NaN's above inf's), and XLA:CPU fuses an integer reduction with x's producer where it
+  hands a float max to a separate library call that needs x materialized."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF
+  return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1, keepdims=True), jnp.float32)
+
+
+def _block_candidate(x32: jax.Array, scale: jax.Array, inv_s: jax.Array, ratio: jax.Array, kind: str, emax,
+                     axis: int, block: int, xmax: jax.Array | None):
+  """A block format's v = y / step (y = x / S) and step, in x's layout: `_block_quantize` up to the element
+  rounding, with the block scales computed by arithmetic (MX: `emax` may be traced).
+
+  `xmax`: each block's max |x| (see `_block_xmax`) when S is constant along the blocks, else None (max |y|
+  is taken from y).
+  """
+  y = x32 * inv_s
+  yb, restore = _blocks_of(y, axis, block)
+  if xmax is not None:  # max |x · (1/S)| = max |x| · (1/S) exactly: rounding is monotonic
+    amax = xmax * _in_blocks(inv_s, x32.ndim, axis)
+  else:
+    amax = jnp.max(jnp.abs(yb), axis=-1, keepdims=True)
+  amax = jax.lax.stop_gradient(amax)
+  if kind == "mx":  # E8M0 2^(⌊log2 amax⌋ − emax) clamped to 2^−127 … 2^127, built from amax's exponent bits
+    ebits = jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23  # amax ≥ 0; 0 for zero and subnormal amax
+    biased = jnp.clip(ebits - emax, 0, 254)  # a subnormal amax is below 2^−126: clamps to 0 like frexp's exponent
+    s_b = jax.lax.bitcast_convert_type(jnp.where(biased > 0, biased << 23, 0x00400000), jnp.float32)  # 0: 2^−127
+  else:  # E4M3(min(amax / 6, 448)), rounded like the cast
+    fp8 = _element("fp8_e4m3")
+    s_b = _round_arith(jnp.minimum(amax * (np.float32(1.0) / np.float32(6.0)), _E4M3_MAX), fp8.ef_lo, fp8.ef_hi,
+                       fp8.mshift)
+  s_b = jnp.where(jnp.isfinite(amax), s_b, jnp.nan)  # inf/NaN in a block: the MX spec's NaN scale
+  if np.ndim(ratio) == 0:
+    step = ratio * s_b
+  else:
+    step = _blocks_of(jnp.broadcast_to(ratio, y.shape), axis, block)[0] * s_b
+  ok = step > 0  # a zero (or flushed-subnormal) block scale: the block quantizes to zero
+  v = jnp.where(ok, yb * (1.0 / jnp.where(ok, step, 1.0)), jnp.where(jnp.isnan(step), jnp.nan, 0.0))
+  return restore(v), restore(jnp.broadcast_to(step, yb.shape))
+
+
+def _in_blocks(a: jax.Array, ndim: int, axis: int) -> jax.Array:
+  """An array broadcastable to x with size 1 along `axis`, in the (…, 1 block, 1) layout of `_blocks_of`."""
+  a = jnp.reshape(a, (1,) * (ndim - np.ndim(a)) + np.shape(a))
+  return jnp.moveaxis(a, axis, -1)[..., None]
+
+
+def _block_xmax(x32: jax.Array, axis: int, blocks: Sequence[int]) -> dict[int, jax.Array]:
+  """Each block's max |x| for each block size; a size that nests in a smaller one (32 in 16) reuses its maxima."""
+  out: dict[int, jax.Array] = {}
+  n = x32.shape[axis]
+  for b in sorted(set(blocks)):
+    small = next((a for a in out if (n <= a) or (n % b == 0 and b % a == 0)), None)
+    if small is None:
+      out[b] = _abs_max(_blocks_of(x32, axis, b)[0])
+    elif n <= small:  # one (short) block either way
+      out[b] = out[small]
+    else:  # (…, n/a, 1) → (…, n/b, b/a) → max
+      m = out[small]
+      out[b] = _abs_max(m.reshape(m.shape[:-2] + (n // b, b // small)))
+  return out
+
+
+SWITCH = [False]
+
+
+@functools.partial(jax.jit, static_argnames=("formats", "axis", "switch"))
 def _by_index(x32: jax.Array, index: jax.Array, scale, ratio: jax.Array, *, formats: tuple[str, ...],
-              axis: int) -> jax.Array:
-  """lax.switch over the formats' branches (compiled once per shape and format tuple)."""
-  branches = [functools.partial(_fake_quantize, sp=SPECS[f], axis=axis, block=None) for f in formats]
-  return jax.lax.switch(index, branches, x32, scale, ratio)
+              axis: int, switch: bool = False) -> jax.Array:
+  """Fake quantization to ``formats[index]`` without a per-format conditional.
+
+  Each kind of format in `formats` (scalar, MX, NVFP4) yields its v = x / step and step per element (block
+  kinds: after their block scales), the format's constants gathered by `index`; the chosen kind's v and
+  step are selected (jnp.where, when more than one kind occurs) and go through one element rounding.
+  """
+  tab = _tables(formats)
+  index = jnp.clip(index, 0, len(formats) - 1)  # a traced index out of range is clamped (as lax.switch did)
+  get = lambda k: jnp.asarray(tab[k])[index]  # noqa: E731
+  el = {k: get(k) for k in ("lo", "hi", "ef_lo", "ef_hi", "mshift", "nan_out")}
+  kinds = tuple(k for k in KINDS if k in {KINDS[i] for i in tab["kind"]})
+  kid = get("kind") if len(kinds) > 1 else KINDS.index(kinds[0])
+  is_ = lambda k: kid == KINDS.index(k)  # noqa: E731
+  if scale is None:  # max scaling: amax / largest (scalar), 1 (MX), amax / (6·448) (NVFP4)
+    scale = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.abs(x32)) * get("inv_denom"), _TINY))
+    if "mx" in kinds:
+      scale = jnp.where(is_("mx"), jnp.float32(1.0), scale)
+  if switch and len(kinds) > 1:
+    def branch(k, scale):
+      if k == "scalar":
+        step = scale * ratio
+        return _ste_round_arith(x32 * (1.0 / step), el) * step
+      sizes = {"mx": 32, "nvfp4": SPECS["nvfp4"].block_size}
+      inv_s = 1.0 / scale
+      constant = np.ndim(inv_s) < x32.ndim - axis or np.shape(inv_s)[axis - x32.ndim] == 1
+      xmax = _block_xmax(x32, axis, [sizes[k]]) if constant else {}
+      v, step = _block_candidate(x32, scale, inv_s, ratio, k, get("emax") if k == "mx" else None, axis, sizes[k],
+                                 xmax.get(sizes[k]))
+      return (_ste_round_arith(v, el) * step) * scale
+    pos = jnp.asarray(np.searchsorted([KINDS.index(k) for k in kinds], np.arange(3)).astype(np.int32))[kid]
+    return jax.lax.switch(pos, [functools.partial(branch, k) for k in kinds], scale)
+  # the kinds that are not chosen compute on scale 1 (their results are dropped, and so are their gradients)
+  one = lambda cond: scale if len(kinds) == 1 else jnp.where(cond, scale, jnp.float32(1.0))  # noqa: E731
+  cands = {}  # kind → (v, step)
+  if "scalar" in kinds:
+    step = one(is_("scalar")) * ratio
+    cands["scalar"] = (x32 * (1.0 / step), step)
+  block_kinds = [k for k in kinds if k != "scalar"]
+  if block_kinds:
+    s_blk = one(~is_("scalar"))  # the per-tensor scale S of the block kinds
+    inv_s = 1.0 / s_blk
+    sizes = {"mx": 32, "nvfp4": SPECS["nvfp4"].block_size}
+    constant = np.ndim(inv_s) < x32.ndim - axis or np.shape(inv_s)[axis - x32.ndim] == 1  # S constant along axis
+    xmax = _block_xmax(x32, axis, [sizes[k] for k in block_kinds]) if constant else {}
+    for k in block_kinds:
+      cands[k] = _block_candidate(x32, s_blk, inv_s, ratio, k, get("emax") if k == "mx" else None, axis,
+                                  sizes[k], xmax.get(sizes[k]))
+  v, step = cands[kinds[-1]]
+  for k in kinds[-2::-1]:
+    v, step = jnp.where(is_(k), cands[k][0], v), jnp.where(is_(k), cands[k][1], step)
+  out = _ste_round_arith(v, el) * step
+  if not block_kinds:
+    return out
+  if "scalar" not in kinds:
+    return out * s_blk
+  return jnp.where(is_("scalar"), out, out * s_blk)
 
 
 def largest_values(formats: Sequence[str] = FORMATS) -> jax.Array:
