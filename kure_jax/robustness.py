@@ -328,8 +328,6 @@ class Sweep:
   def _quant_for_point(self, base: dict, pt: dict) -> dict:
     layers = {}
     sliding = self.grid.dorefa_mode == "sliding"  # the authors' DoReFa perturbation: DoReFa's scale × ratio
-    # the kinds of format the grid holds (presence only): the hook computes only those
-    kinds = {f"fmt_{k}": jnp.asarray(True) for k in sorted({formats_lib.kind(f) for f in self.grid.formats})}
     for p in self.paths:
       w_base = base["w"][p][pt["method"], pt["bit_idx"]]
       w_step = _apply_policy(w_base / pt["ratio"] if sliding else w_base * pt["ratio"], pt["policy"])
@@ -340,16 +338,14 @@ class Sweep:
         entry["w_bias_corr"] = jnp.asarray(BIAS_CORRECTIONS.index(self.grid.bias_correction))
       if self.grid.formats:  # the number-format path of the hook (fmt −1: the integer grid above)
         entry.update(w_fmt=jnp.where(pt["w_on"], pt["fmt"], -1),
-                     w_scale=_apply_policy(base["wf"][p][pt["fmt_idx"]], pt["policy"]), w_ratio=pt["ratio"],
-                     **{"w_" + k: v for k, v in kinds.items()})
+                     w_scale=_apply_policy(base["wf"][p][pt["fmt_idx"]], pt["policy"]), w_ratio=pt["ratio"])
       if p in base["a"]:
         a_ratio = 1.0 if sliding else pt["ratio"]  # sliding perturbs the weights only
         a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * a_ratio, pt["policy"])
         entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
         if self.grid.formats:
           entry.update(a_fmt=jnp.where(pt["a_on"], pt["fmt"], -1),
-                       a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"],
-                       **{"a_" + k: v for k, v in kinds.items()})
+                       a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"])
       layers[p] = entry
     return quant_collection(None, layers)
 

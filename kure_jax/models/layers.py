@@ -15,8 +15,6 @@ can sweep them):
                    `formats.FORMATS`; −1 keeps the integer grid above), its scale (per tensor or
                    per channel) and a step ratio; block formats run along the kernel's input axis
   a_fmt, a_scale, a_ratio   the same for the input activation (blocks along its channels)
-  w_fmt_scalar, w_fmt_mx, w_fmt_nvfp4 (and a_…)   optional, presence only: the kinds of format `w_fmt` can
-                   name (`formats.KINDS`); when any is present only those kinds are computed, else all
 
 A bit-width of 0 means "leave in float", so a vmapped sweep can switch weight or
 activation quantization on and off without recompiling. What is static (the grid,
@@ -87,30 +85,19 @@ def quant_hook(mdl: nn.Module, x: jax.Array, kernel: jax.Array, *, weight_grid: 
       quantized = bias_correct(quantized, kernel, mode)
     kernel = quantized
   if mdl.has_variable(QUANT, "w_fmt"):
-    kernel = _maybe_format(mdl, kernel, "w", axis=-2)
+    kernel = _maybe_format(kernel, *(mdl.get_variable(QUANT, k) for k in ("w_fmt", "w_scale", "w_ratio")), axis=-2)
   if mdl.has_variable(QUANT, "a_bits"):
     x = _maybe_quantize(x, mdl.get_variable(QUANT, "a_step"), mdl.get_variable(QUANT, "a_bits"), act_grid)
   if mdl.has_variable(QUANT, "a_fmt"):
-    x = _maybe_format(mdl, x, "a", axis=-1)
+    x = _maybe_format(x, *(mdl.get_variable(QUANT, k) for k in ("a_fmt", "a_scale", "a_ratio")), axis=-1)
   return x, kernel
 
 
-def _maybe_format(mdl: nn.Module, x: jax.Array, side: str, *, axis: int) -> jax.Array:
-  """x in the number format ``formats.FORMATS[fmt]`` where the entry `{side}_fmt` ≥ 0 (traced: one compiled
-  function serves every format); x itself where it is < 0.
-
-  The entries `{side}_fmt_scalar`, `{side}_fmt_mx`, `{side}_fmt_nvfp4`, where any is present, say statically
-  which kinds of format the index can name (their values are ignored): only those kinds are computed.
-  Without them every kind is.
-  """
-  fmt, scale, ratio = (mdl.get_variable(QUANT, f"{side}_{k}") for k in ("fmt", "scale", "ratio"))
+def _maybe_format(x: jax.Array, fmt: jax.Array, scale: jax.Array, ratio: jax.Array, *, axis: int) -> jax.Array:
+  """x in the number format ``formats.FORMATS[fmt]`` where fmt ≥ 0 (traced: one compiled function serves
+  every format); x itself where fmt < 0."""
   fmt = jnp.asarray(fmt)
-  kinds = tuple(k for k in F.KINDS if mdl.has_variable(QUANT, f"{side}_fmt_{k}"))
-  formats = F.formats_of_kinds(kinds) if kinds else F.FORMATS
-  index = jnp.maximum(fmt, 0)
-  if formats != F.FORMATS:  # an index into FORMATS → into `formats` (a kind not listed: its first format)
-    index = jnp.asarray([formats.index(f) if f in formats else 0 for f in F.FORMATS], jnp.int32)[index]
-  q = F.fake_quantize_by_index(x, index, scale, ratio, formats=formats, axis=axis)
+  q = F.fake_quantize_by_index(x, jnp.maximum(fmt, 0), scale, ratio, axis=axis)
   return jnp.where(fmt >= 0, q, x)
 
 
