@@ -1,14 +1,18 @@
 """Images/s of the ResNet-20 train step (CE + KURE) against PyTorch eager, side by side in one run.
 
-  python benchmarks/train_step.py [--batches 64,128,256] [--repeats 7] [--steps 5]
+  python benchmarks/train_step.py [--batches 64,128,256] [--repeats 7] [--steps 5] [--lax-conv] [--profile]
+  taskset -c 1 python benchmarks/train_step.py ...    # one core (PyTorch then runs 1 thread)
 
 Per batch size: the JAX step with KURE in float32 and with bfloat16 compute
 (``config.dtype``), the float32 step with KURE off (KURE's overhead), optionally the
 float32 step with plain ``lax.conv_general_dilated`` convolutions (the models' conv
-before `kure_jax.models.conv`: ``--lax-conv``), and PyTorch eager (float32). Also the
-eval forward pass (JAX jit vs PyTorch ``no_grad``) and the CPU's matmul peak, measured
-by a large ``jnp.dot`` in the same rounds. Every measurement is interleaved round by
-round, so machine noise hits all alike; the tables give medians over rounds and ratios.
+before `kure_jax.models.conv`: ``--lax-conv``) or data-parallel over XLA host devices
+(``--host-devices 2``), and PyTorch eager (float32, one thread per usable CPU). Also
+the eval forward pass (JAX jit vs PyTorch ``no_grad``) and the CPU's matmul peak,
+measured by a large ``jnp.dot`` in the same rounds. Every measurement is interleaved
+round by round, so machine noise hits all alike; the tables give medians over rounds,
+ratios of wall time, and ratios of this process's CPU time (which other processes on
+a shared machine disturb less). ``--profile`` adds where the time goes per op class.
 PyTorch comes from the `bench` extra (pip install -e ".[bench]").
 """
 
@@ -59,6 +63,11 @@ def lax_convolutions():
     yield
   finally:
     layers.conv2d = saved
+
+
+def usable_cpus() -> int:
+  """The CPUs this process may run on (taskset), as torch's thread count and in the header."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def synthetic_batch(batch: int) -> dict:
@@ -247,7 +256,7 @@ def torch_runners(batch: int):
 
   from benchmarks.torch_resnet20 import ResNet20
 
-  torch.set_num_threads(len(os.sched_getaffinity(0)))  # the CPUs this process may use (taskset)
+  torch.set_num_threads(usable_cpus())  # as many threads as CPUs this process may use (taskset)
   torch.manual_seed(0)
   model = ResNet20()
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -281,7 +290,7 @@ def main():
   p.add_argument("--no-bf16", action="store_true")
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--profile", action="store_true",
-                 help="after the rounds, the per-op-class profile of the f32 KURE step (first batch) and the eval pass")
+                 help="after the rounds, the per-op-class profile of the f32 KURE step (batch 128) and the eval pass")
   p.add_argument("--host-devices", type=int, default=1,
                  help="also run the f32 KURE step data-parallel over this many XLA host devices (>1)")
   args = p.parse_args()
@@ -316,38 +325,49 @@ def main():
 
   for run in runners.values():  # warm up
     run(2)
+  load = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
   secs = {k: [] for k in runners}
+  cpu = {k: [] for k in runners}  # this process's CPU seconds (all threads): robust to other load on 1 core
   for _ in range(args.repeats):
     for key, run in runners.items():
       n = args.steps if key[0] else 2
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       run(n)
       secs[key].append((time.perf_counter() - t) / n)
+      cpu[key].append((time.process_time() - c) / n)
   med = {k: statistics.median(v) for k, v in secs.items()}
+  cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
   peak = {dt: peaks[dt] / med[(0, f"peak {dt}")] for dt in peaks}
   flops = {b: model_flops(b) for b in batches}
 
-  print(f"ResNet-20 train step (CE + KURE λ=1, SGD), {jax.devices()[0].platform}, jax {jax.__version__}; "
+  print(f"ResNet-20 train step (CE + KURE λ=1, SGD), {jax.devices()[0].platform}, jax {jax.__version__}, "
+        f"torch {__import__('torch').__version__ if torch_ok else '-'}; "
         f"median of {args.repeats} interleaved rounds × {args.steps} steps")
   print("matmul peak (2048² jnp.dot): " + ", ".join(f"{dt} {v / 1e9:,.0f} GFLOP/s" for dt, v in peak.items()))
   print(f"model FLOPs per image and step (3 × forward): {flops[batches[0]] / batches[0] / 1e6:.0f} M")
-  print("\n| batch | step | images/s (median) | min–max | vs torch eager | % of matmul peak (own dtype) |")
-  print("| ---: | --- | ---: | ---: | ---: | ---: |")
+  print(f"CPUs: {usable_cpus()}; load average before the rounds: {load}")
+  print("\n| batch | step | images/s (median) | min–max | vs torch eager | images per CPU-second | "
+        "vs torch (CPU time) | % of matmul peak (own dtype) |")
+  print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for b in batches:
     torch_rate = b / med[(b, "torch eager f32")] if (b, "torch eager f32") in med else None
+    torch_cpu = b / cpu_med[(b, "torch eager f32")] if (b, "torch eager f32") in med else None
     for (bb, name), s in med.items():
       if bb != b or name.startswith("eval"):
         continue
       rate = b / s
       lo, hi = b / max(secs[(bb, name)]), b / min(secs[(bb, name)])
       vs = f"{rate / torch_rate:.2f}×" if torch_rate else "–"
+      per_cpu = b / cpu_med[(bb, name)]
+      vs_cpu = f"{per_cpu / torch_cpu:.2f}×" if torch_cpu else "–"
       ref = peak["bfloat16"] if "bf16" in name else peak["float32"]
       frac = f"{100 * flops[b] / s / ref:.0f}%"
-      print(f"| {b} | {name} | {rate:,.0f} | {lo:,.0f}–{hi:,.0f} | {vs} | {frac} |")
+      print(f"| {b} | {name} | {rate:,.0f} | {lo:,.0f}–{hi:,.0f} | {vs} | {per_cpu:,.0f} | {vs_cpu} | {frac} |")
   print()
   for b in batches:
     overhead = med[(b, "jax f32 + KURE")] / med[(b, "jax f32, KURE off")] - 1
-    line = f"batch {b}: KURE overhead {100 * overhead:+.1f}%"
+    overhead_cpu = cpu_med[(b, "jax f32 + KURE")] / cpu_med[(b, "jax f32, KURE off")] - 1
+    line = f"batch {b}: KURE overhead {100 * overhead:+.1f}% (CPU time {100 * overhead_cpu:+.1f}%)"
     if (b, "jax f32 + KURE, lax conv") in med:
       line += f"; conv2d vs lax conv: {med[(b, 'jax f32 + KURE, lax conv')] / med[(b, 'jax f32 + KURE')]:.2f}×"
     print(line)
@@ -356,10 +376,11 @@ def main():
     line = f"eval forward, batch {e}: jax {e / med[(e, 'eval: jax jit f32')]:,.0f} images/s"
     if (e, "eval: torch no_grad f32") in med:
       line += (f", torch {e / med[(e, 'eval: torch no_grad f32')]:,.0f} images/s, "
-               f"jax / torch {med[(e, 'eval: torch no_grad f32')] / med[(e, 'eval: jax jit f32')]:.2f}×")
+               f"jax / torch {med[(e, 'eval: torch no_grad f32')] / med[(e, 'eval: jax jit f32')]:.2f}× "
+               f"(per CPU-second: {cpu_med[(e, 'eval: torch no_grad f32')] / cpu_med[(e, 'eval: jax jit f32')]:.2f}×)")
     print(line)
   if args.profile:
-    b = batches[0]
+    b = 128 if 128 in batches else batches[0]
     print_profile(f"jax f32 + KURE train step, batch {b}", op_class_profile(runners[(b, "jax f32 + KURE")]),
                   med[(b, "jax f32 + KURE")])
     if args.lax_conv:
