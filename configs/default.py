@@ -9,12 +9,19 @@ from ml_collections import config_dict
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = "resnet20"                # resnet20 (CIFAR) | resnet18 | resnet50 | mobilenet_v2 (torchvision's)
+  c.model = "resnet20"                # resnet20 (CIFAR) | resnet18 | resnet50 | mobilenet_v2 (torchvision's) |
+                                      # neumf (NCF, task 'ranking')
+  c.task = "classification"           # classification (images: cross-entropy, top-1/top-5 in %) | ranking (NCF
+                                      # implicit feedback on dataset.name='movielens': binary cross-entropy,
+                                      # HR@10 / NDCG@10 as fractions); see kure_jax/tasks.py
   c.model_kwargs = ml_collections.ConfigDict()  # extra keyword arguments of the model class (e.g. weight_grid)
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "cifar10"          # a TFDS name, or "folder" for split/class/image.jpg folders (or their tarballs)
-  c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the folder holding the splits
+  c.dataset.name = "cifar10"          # a TFDS name, or "folder" for split/class/image.jpg folders (or their tarballs),
+                                      # or "movielens" (NCF's ML-1M files; task 'ranking')
+  c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the folder holding the splits (movielens:
+                                      # the folder of the ml-1m.*.gz files; unset: ../shared/data/movielens)
+  c.dataset.num_negatives = 4         # movielens: sampled negatives per training positive, redrawn every epoch
   c.dataset.image_size = 32           # input resolution (square)
   c.dataset.num_classes = 10          # checked against the data
   c.dataset.train_split = "train"     # split names (TFDS slices like "train[:90%]" work too)

@@ -1,4 +1,8 @@
-"""Training: cross-entropy + λ·KURE, one jitted step, data parallel over all devices.
+"""Training: task loss + λ·KURE, one jitted step, data parallel over all devices.
+
+The task (``config.task``, `kure_jax.tasks`) supplies what depends on the problem: the model's inputs,
+the loss (cross-entropy for image classification, binary cross-entropy for NCF ranking), the train
+metrics and the evaluation; the loop, checkpointing and resuming are shared.
 
 ``train_and_evaluate(config, workdir)`` is the whole program behind ``train.py``; it
 resumes automatically from the newest checkpoint in `workdir`, so a killed run that
@@ -26,11 +30,13 @@ import optax
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
 from kure_jax import qat, sharding, torchvision_weights
+from kure_jax import tasks as tasks_lib
 from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
 from kure_jax.gradient_l1 import with_gradient_l1
 from kure_jax.kurtosis import REDUCTIONS, kure_penalty, kurtosis, kurtosis_by_layer, select_kernels
 from kure_jax.metrics import MetricWriter
+from kure_jax.tasks import CLASSIFICATION, Task, classification_sums, cross_entropy  # noqa: F401 (re-exported)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -50,8 +56,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   def bad(field, msg):
     raise UserError(f"config.{field} {msg}")
 
-  if config.model not in models_lib.MODELS:
-    bad("model", f"is {config.model!r}; choose one of {', '.join(sorted(models_lib.MODELS))}.")
+  if config.model not in models_lib.ALL_MODELS:
+    bad("model", f"is {config.model!r}; choose one of {', '.join(sorted(models_lib.ALL_MODELS))}.")
+  task_name = config.get("task", "classification")
+  if task_name not in tasks_lib.TASKS:
+    bad("task", f"is {task_name!r}; choose one of {', '.join(tasks_lib.TASKS)}.")
+  task = tasks_lib.TASKS[task_name]
+  if config.model not in task.models:
+    bad("model", f"is {config.model!r}, which the {task.name!r} task (config.task) cannot train; "
+        f"choose one of {', '.join(task.models)}.")
+  if config.dataset.name in data_lib.DATASET_NAMES and config.dataset.name not in task.datasets:
+    bad("dataset.name", f"is {config.dataset.name!r}, which is no data of the {task.name!r} task (config.task); "
+        f"choose one of {', '.join(task.datasets)}.")
+  if not task.supports_qat and qat.method(config) != "none":
+    bad("quant.method", f"is {qat.method(config)!r}; QAT is not supported for the {task.name!r} task yet.")
   if config.batch_size <= 0:
     bad("batch_size", f"must be > 0, got {config.batch_size}.")
   if config.get("eval_batch_size", 1) <= 0:
@@ -156,18 +174,13 @@ def trainables(state: State) -> Any:
   return {"params": state["params"], "qsteps": state["qsteps"]} if state.get("qsteps") else state["params"]
 
 
-def create_state(model, tx: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, ...]) -> State:
-  variables = models_lib.init_variables(model, rng, image_shape)
+def create_state(model, tx: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, ...] | None = None,
+                 task: Task = CLASSIFICATION) -> State:
+  """The initial state; the model is initialized on ``task.example_inputs(image_shape)`` (NeuMF: ids)."""
+  variables = models_lib.init_from_inputs(model, rng, *task.example_inputs(image_shape))
   params = variables["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params)}
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean cross-entropy over the examples where mask is True."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  w = mask.astype(jnp.float32)
-  return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def activation_penalty(inter: dict, paths: list[str], target: float) -> jax.Array:
@@ -182,9 +195,13 @@ def activation_penalty(inter: dict, paths: list[str], target: float) -> jax.Arra
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-                    schedule: optax.Schedule, spec: qat.QatSpec | None = None,
+                    schedule: optax.Schedule, spec: qat.QatSpec | None = None, task: Task = CLASSIFICATION,
                     ) -> Callable[[State, dict], tuple[State, dict]]:
-  """(state, batch) → (state, metrics): CE + λ·KURE (+ λ_a·activation KURE), one optimizer update.
+  """(state, batch) → (state, metrics): task loss + λ·KURE (+ λ_a·activation KURE), one optimizer update.
+
+  The metric 'ce' is the task's loss (`task.loss`: softmax cross-entropy, or binary cross-entropy for
+  ranking), 'accuracy' and any other `task.train_metrics` follow it. A model without batch statistics
+  (NeuMF) keeps ``state["batch_stats"]`` = {}.
 
   With a QAT `spec` the forward pass is quantized by its method (DoReFa or LSQ) and, for
   LSQ, the learned steps in ``state["qsteps"]`` are trained with the params; KURE always
@@ -213,9 +230,9 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
         quant = {"quant": qat.quant_for_training(spec, qsteps, weight_grid)}
 
       def task_loss(p):
-        logits, updates = model.apply({"params": p, "batch_stats": state["batch_stats"], **quant}, batch["image"],
-                                      train=True, mutable=mutable, rngs={"dropout": dropout_key})
-        return cross_entropy(logits, batch["label"], batch["mask"]), (logits, updates)
+        logits, updates = model.apply({"params": p, "batch_stats": state["batch_stats"], **quant},
+                                      *task.inputs(batch), train=True, mutable=mutable, rngs={"dropout": dropout_key})
+        return task.loss(logits, batch), (logits, updates)
 
       grad_l1 = jnp.zeros(())
       if lam_g > 0:  # Alizadeh et al.: λ·‖∇_W CE‖₁ over the selected kernels, by double backprop
@@ -227,16 +244,14 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
       if lam_a > 0:
         act = activation_penalty(updates["intermediates"], list(select_kernels(params, **selection)), target)
       loss = ce + lam * penalty + lam_a * act + lam_g * grad_l1
-      return loss, (ce, penalty, act, grad_l1, logits, updates["batch_stats"])
+      return loss, (ce, penalty, act, grad_l1, logits, updates.get("batch_stats", state["batch_stats"]))
 
     current = trainables(state)
     (loss, (ce, penalty, act, grad_l1, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         current)
     updates, opt_state = tx.update(grads, state["opt_state"], current)
     new = optax.apply_updates(current, updates)
-    correct = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
-    metrics = {"loss": loss, "ce": ce, "kure": penalty,
-               "accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(batch["mask"]), 1),
+    metrics = {"loss": loss, "ce": ce, "kure": penalty, **task.train_metrics(logits, batch),
                "learning_rate": schedule(state["step"])}
     if lam_a > 0:
       metrics["kure_act"] = act
@@ -255,35 +270,27 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
   return step_fn
 
 
-def make_eval_step(model) -> Callable[[dict, dict], dict]:
-  """(variables, batch) → sums of correct top-1/top-5, loss and count over unmasked examples."""
+def make_eval_step(model, task: Task = CLASSIFICATION) -> Callable[[dict, dict], dict]:
+  """(variables, batch) → the task's sums over unmasked examples (classification: correct top-1/top-5, loss
+  and count; ranking: HR@10 hits, NDCG@10 gains, loss and count of users)."""
 
   def eval_fn(variables: dict, batch: dict) -> dict:
-    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
-    return classification_sums(logits, batch["label"], batch["mask"])
+    logits = model.apply(variables, *task.inputs(batch), train=False).astype(jnp.float32)
+    return task.eval_sums(logits, batch)
 
   return eval_fn
 
 
-def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-  w = mask.astype(jnp.float32)
-  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {"top1": jnp.sum((top5[:, 0] == labels) * w), "top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) * w),
-          "loss": jnp.sum(ce * w), "count": jnp.sum(w)}
-
-
-def evaluate(eval_fn: Callable, variables: dict, dataset, mesh, progress: bool = False) -> dict[str, float]:
-  """Top-1/top-5 (%) and mean loss over a padded+masked pass; sums stay on device."""
+def evaluate(eval_fn: Callable, variables: dict, dataset, mesh, progress: bool = False,
+             task: Task = CLASSIFICATION) -> dict[str, float]:
+  """`task.summarize` of the sums over a padded+masked pass (classification: top-1/top-5 in % and mean loss;
+  ranking: hr@10 and ndcg@10 as fractions and mean loss); sums stay on device."""
   totals = None
   for batch in _progress(dataset.iterate(), total=dataset.steps_per_epoch, desc="eval", enabled=progress):
     sums = eval_fn(variables, sharding.shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     del sums
-  t = jax.device_get(totals)
-  n = max(float(t["count"]), 1.0)
-  return {"top1": 100 * float(t["top1"]) / n, "top5": 100 * float(t["top5"]) / n,
-          "loss": float(t["loss"]) / n, "count": int(t["count"])}
+  return task.summarize(jax.device_get(totals))
 
 
 def _progress(it, total, desc, enabled):
@@ -341,6 +348,7 @@ class _Stop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train `config.model` on `config.dataset`, evaluating every epoch; returns final metrics."""
   validate_config(config)
+  task = tasks_lib.get(config.get("task", "classification"))
   mesh = sharding.make_mesh()
   try:
     sharding.check_batch_size(config.batch_size, mesh)
@@ -362,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get("max_steps"):
     total_steps = min(total_steps, int(config.max_steps))
 
-  model_kwargs = qat.model_kwargs(config)
+  model_kwargs = {**qat.model_kwargs(config), **task.model_kwargs(train_ds)}  # + what the data fixes (NeuMF's tables)
   if config.get("dtype", "float32") != "float32":  # mixed precision: compute in bfloat16, params stay float32
     model_kwargs["dtype"] = jnp.dtype(config.dtype)
   model = models_lib.get_model(config.model, config.dataset.num_classes, **model_kwargs)
@@ -373,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lsq = qat.method(config) == "lsq"
   tx = make_optimizer(config, schedule, decay_mask=params_only if lsq else None)
   image_shape = (config.dataset.image_size, config.dataset.image_size, 3)
-  state = create_state(model, tx, jax.random.PRNGKey(config.seed), image_shape)
+  state = create_state(model, tx, jax.random.PRNGKey(config.seed), image_shape, task=task)
   spec, probe = None, None
   if qat.method(config) != "none":  # which layers, their input grids and sizes: one train batch shows them
     probe = np.asarray(train_ds.get_batch(0)["image"])
@@ -407,9 +415,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
 
   rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config, schedule, spec), in_shardings=(rep, bat),
+  train_step = jax.jit(make_train_step(model, tx, config, schedule, spec, task=task), in_shardings=(rep, bat),
                        out_shardings=(rep, rep), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(eval_model), in_shardings=(rep, bat), out_shardings=rep)
+  eval_step = jax.jit(make_eval_step(eval_model, task=task), in_shardings=(rep, bat), out_shardings=rep)
   kurt_fn = jax.jit(lambda p: kurtosis_by_layer(p, **kure_selection(config)))
   writer = MetricWriter(workdir)
   progress = config.get("progress", True) and jax.process_index() == 0
@@ -455,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         if spec is not None:  # a QAT model is scored as it trains: quantized
           variables["quant"] = qat.quant_for_training(spec, state.get("qsteps", {}), weight_grid)
-        eval_metrics = evaluate(eval_step, variables, eval_ds, mesh)
+        eval_metrics = evaluate(eval_step, variables, eval_ds, mesh, task=task)
         kurt = {k.removesuffix("/kernel"): float(v) for k, v in jax.device_get(kurt_fn(state["params"])).items()}
         eval_metrics["kurtosis_mean"] = float(np.mean(list(kurt.values())))
         writer.write(done, "eval", {**eval_metrics, "epoch": done / steps_per_epoch, "kurtosis": kurt})

@@ -1,4 +1,7 @@
-"""Input pipelines: one `make_dataset` for CIFAR-10, ImageNet, Imagenette and image folders.
+"""Input pipelines: one `make_dataset` for CIFAR-10, ImageNet, Imagenette, image folders and MovieLens.
+
+``name='movielens'`` (NCF's implicit feedback, the 'ranking' task) returns a
+`kure_jax.data.movielens.MovieLensDataset` with the same interface and (user, item) batches.
 
     from kure_jax.data import make_dataset
     train = make_dataset(config.dataset, "train", batch_size=128, train=True, seed=0, start_step=step)

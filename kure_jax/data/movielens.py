@@ -22,6 +22,7 @@ import gzip
 import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,7 @@ class MovieLensDataset:
   batch ``step % steps_per_epoch`` its rows ``b·B … (b+1)·B − 1``; the last partial batch of an epoch is
   dropped (fewer than B of the ~(1 + num_negatives)·positives examples), as in the image pipeline. So batch
   ``step`` is a pure function of (seed, step) and a resumed run sees the batches of an uninterrupted one.
+  `iterate` draws the next epoch in a background thread while the current one is consumed (ML-1M: ~0.7 s).
 
   Eval (``train=False``): the users in order, B = eval batch size users a batch, each with its 100
   candidates: ``{"user" int32 [b, 1], "item" int32 [b, 100] (column 0 the held-out positive), "mask" bool
@@ -265,8 +267,9 @@ class MovieLensDataset:
     self.num_examples = data.num_train * (1 + num_negatives) if train else data.num_users
     self.steps_per_epoch = (self.num_examples // batch_size if train else -(-self.num_examples // batch_size))
     self.start_step = start_step
-    self._epochs: dict[int, dict[str, np.ndarray]] = {}
+    self._epochs: dict[int, Future] = {}
     self._lock = threading.Lock()
+    self._pool: ThreadPoolExecutor | None = None
     if not train:
       self._users, self._items = eval_candidates(data)
 
@@ -278,13 +281,19 @@ class MovieLensDataset:
             f"{self.num_examples} {'examples an epoch' if self.train else 'users'}, batch {self.batch_size}, "
             f"{self.steps_per_epoch} steps/epoch)")
 
-  def _epoch(self, epoch: int) -> dict[str, np.ndarray]:
+  def _epoch_future(self, epoch: int) -> Future:
+    """Epoch `epoch`'s examples, drawn in a background thread (pure in (seed, epoch): order does not matter)."""
     with self._lock:
       if epoch not in self._epochs:
-        self._epochs[epoch] = epoch_examples(self.data, self.seed, epoch, self.num_negatives)
-        while len(self._epochs) > 2:
+        if self._pool is None:
+          self._pool = ThreadPoolExecutor(1, thread_name_prefix="kure_jax_movielens")
+        self._epochs[epoch] = self._pool.submit(epoch_examples, self.data, self.seed, epoch, self.num_negatives)
+        while len(self._epochs) > 3:
           self._epochs.pop(min(self._epochs))
       return self._epochs[epoch]
+
+  def _epoch(self, epoch: int) -> dict[str, np.ndarray]:
+    return self._epoch_future(epoch).result()
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
     """Batch `step` for this host."""
@@ -315,6 +324,8 @@ class MovieLensDataset:
       stop = start + num_steps if stop is None else min(stop, start + num_steps)
     step = start
     while stop is None or step < stop:
+      if self.train and (step % self.steps_per_epoch == 0 or step == start):
+        self._epoch_future(step // self.steps_per_epoch + 1)  # draw the next epoch while this one trains
       yield self.get_batch(step)
       step += 1
 

@@ -45,7 +45,8 @@ from kure_jax.data import cache as cache_lib
 from kure_jax.data import sources
 from kure_jax.data import transforms
 
-DATASET_NAMES = sources.TFDS_NAMES + ("folder",)
+IMAGE_DATASETS = sources.TFDS_NAMES + ("folder",)
+DATASET_NAMES = IMAGE_DATASETS + ("movielens",)  # movielens: NCF's implicit feedback, `kure_jax.data.movielens`
 PREPROCESS_STYLES = ("cifar", "imagenet")
 DEFAULT_EVAL_SPLIT = {"cifar10": "test", "imagenet2012": "validation", "imagenette": "validation"}
 FOLDER_EVAL_SPLITS = ("val", "validation", "test")
@@ -302,6 +303,11 @@ def make_dataset(config: Any, split: str, *, batch_size: int, train: bool, seed:
     batch size that the process count does not divide.
   """
   name = _get(config, "name")
+  if name == "movielens":  # (user, item) batches for the 'ranking' task; its own adapter, same interface
+    from kure_jax.data import movielens  # pylint: disable=g-import-not-at-top
+
+    return movielens.make_dataset(config, split, batch_size=batch_size, train=train, seed=seed,
+                                  start_step=start_step, process_index=process_index, process_count=process_count)
   if name not in DATASET_NAMES:
     raise ValueError(f"unknown dataset.name {name!r}; choose one of {', '.join(map(repr, DATASET_NAMES))} "
                      "('folder' reads <data_dir>/<split>/<class>/<image> or *<split>*.tar.gz archives of it).")

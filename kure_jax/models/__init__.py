@@ -1,6 +1,8 @@
 """The model zoo: ResNet-20 (CIFAR), ResNet-18/50 and MobileNet-V2 (torchvision's), all quant-hooked.
 
-Every model is a Flax linen module with ``num_classes``, ``weight_grid`` and ``dtype``
+`RECOMMENDERS` holds NeuMF (`kure_jax.models.neumf`), called on (user, item) ids instead of images, for
+the 'ranking' task; `get_model` builds either kind. Every image model is a Flax linen module with
+``num_classes``, ``weight_grid`` and ``dtype``
 attributes, called as ``model.apply(variables, x, train=...)`` on NHWC float images;
 in training mode pass ``mutable=['batch_stats']`` (and a 'dropout' rng for MobileNet-V2).
 Every conv and dense layer is a `QConv` / `QDense`, so a 'quant' collection built with
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from kure_jax.models.layers import QConv, QDense, quant_collection
 from kure_jax.models.mobilenet import MobileNetV2
+from kure_jax.models.neumf import NeuMF
 from kure_jax.models.resnet import CifarResNet, ResNet, ResNet18, ResNet50
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -35,13 +38,19 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": ResNet50,
     "mobilenet_v2": MobileNetV2,
 }
+# Models of (user, item) ids -> one logit, for the 'ranking' task (`kure_jax.tasks`); the table sizes
+# num_users / num_items come from the data.
+RECOMMENDERS: dict[str, Callable[..., nn.Module]] = {
+    "neumf": NeuMF,
+}
+ALL_MODELS: dict[str, Callable[..., nn.Module]] = {**MODELS, **RECOMMENDERS}
 
 
 def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   """The model registered as `name`, e.g. ``get_model('resnet18', 1000, dtype=jnp.bfloat16)``."""
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
-  return MODELS[name](num_classes=num_classes, **kwargs)
+  if name not in ALL_MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ALL_MODELS)}.")
+  return ALL_MODELS[name](num_classes=num_classes, **kwargs)
 
 
 def param_count(params: Any) -> int:
@@ -60,11 +69,16 @@ def init_variables(model: nn.Module, rng: jax.Array | int, image_shape: Sequence
   """
   if len(image_shape) != 3:
     raise ValueError(f"init_variables: image_shape must be (height, width, channels), got {tuple(image_shape)}.")
+  return init_from_inputs(model, rng, jnp.zeros((1, *image_shape), jnp.float32))
+
+
+def init_from_inputs(model: nn.Module, rng: jax.Array | int, *inputs: Any) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of `model` from example positional inputs (e.g. NeuMF's user and item ids),
+  by the jitted init of `init_variables`; 'batch_stats' is {} for a model without any."""
   if isinstance(rng, int):
     rng = jax.random.key(rng)
-  x = jnp.zeros((1, *image_shape), jnp.float32)
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  variables = jax.jit(functools.partial(model.init, train=False), compiler_options=options)(rng, x)
+  variables = jax.jit(functools.partial(model.init, train=False), compiler_options=options)(rng, *inputs)
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
@@ -109,7 +123,10 @@ def torch_module_path(name: str) -> str:
 
 
 __all__ = [
+    "ALL_MODELS",
     "MODELS",
+    "NeuMF",
+    "RECOMMENDERS",
     "CifarResNet",
     "MobileNetV2",
     "QConv",
@@ -118,6 +135,7 @@ __all__ = [
     "ResNet18",
     "ResNet50",
     "get_model",
+    "init_from_inputs",
     "init_variables",
     "inner_convs",
     "kernel_call_order",
