@@ -1,4 +1,9 @@
-"""`eval.py`'s program: score checkpoints on the config's robustness grid, write reports."""
+"""`eval.py`'s program: score checkpoints on the config's robustness grid, write reports.
+
+The task (``config.task``, `kure_jax.tasks`) decides the data, the model's inputs and the metric: image
+classification is scored by top-1 (%), NCF ranking (``configs/movielens_neumf.py``: NeuMF on MovieLens, its
+table sizes read from the data) by HR@10 and NDCG@10, with the same grid, CSV, tables and plots.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import numpy as np
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
 from kure_jax import qat, report, sharding
+from kure_jax import tasks as tasks_lib
 from kure_jax.checkpoint import check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
 from kure_jax.folding import fold_batchnorm
@@ -89,9 +95,24 @@ def calibration_sample(ds: data_lib.Dataset, n: int, seed: int) -> dict[str, np.
   return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "mask")}
 
 
+def task_of(config: ml_collections.ConfigDict) -> tasks_lib.Task:
+  """``config.task``'s Task, checked against config.model (one readable line)."""
+  name = config.get("task", "classification")
+  if name not in tasks_lib.TASKS:
+    raise UserError(f"config.task is {name!r}; choose one of {', '.join(tasks_lib.TASKS)}.")
+  task = tasks_lib.TASKS[name]
+  if config.model not in task.models:
+    raise UserError(f"config.model is {config.model!r}, which the {task.name!r} task (config.task) cannot score; "
+                    f"choose one of {', '.join(task.models)}.")
+  return task
+
+
 def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labels: Sequence[str] | None,
              out_dir: str, *, progress: bool = True) -> list[dict[str, Any]]:
-  """Score every checkpoint on the grid; write JSON, CSV and plots to `out_dir`; return the rows."""
+  """Score every checkpoint on the grid; write JSON, CSV and plots to `out_dir`; return the rows.
+
+  The rows' metrics are the task's (`Sweep`): top1/top5 (%) for classification, hr@10/ndcg@10 for ranking.
+  """
   grid = grid_from_config(config)
   if not checkpoints:
     raise UserError("give at least one --checkpoint (a workdir written by train.py).")
@@ -104,13 +125,34 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   except ValueError as e:
     raise UserError(str(e)) from e
   qat.validate(config)
+  task = task_of(config)
+  if "lapq" in grid.methods and not task.supports_lapq:
+    raise UserError(f"eval.methods 'lapq' is not available for the {task.name!r} task (LAPQ's calibration loss is "
+                    "the classification cross-entropy); use --config.eval.methods=\"('mse',)\" or another method.")
+  needs_acts = any(t != "weights" for t in grid.targets)
+  try:  # the data first: it fixes some of the model's sizes (NeuMF's tables)
+    eval_ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False,
+                                    seed=config.seed)
+    calib_ds = None
+    if needs_acts or "lapq" in grid.methods:
+      calib_ds = data_lib.make_dataset(config.dataset, "train", batch_size=config.eval_batch_size,
+                                       train=task.calibrate_on_train_batches, seed=config.seed)
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(str(e)) from e
   model = models_lib.get_model(config.model, config.dataset.num_classes,
-                               **{**qat.model_kwargs(config), "weight_grid": grid.weight_grid})
+                               **{**qat.model_kwargs(config), **task.model_kwargs(eval_ds),
+                                  "weight_grid": grid.weight_grid})
   size = config.dataset.image_size
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *task.example_inputs((size, size, 3))))
+  if config.eval.get("fold_bn", False) and not abstract.get("batch_stats"):
+    raise UserError(f"config.eval.fold_bn folds BatchNorm into the kernels, but {config.model} has no BatchNorm; "
+                    "drop --config.eval.fold_bn.")
   # which kernels are quantized: config.kure's selection, or every conv but the first and last (the authors')
-  layers = ({"paths": models_lib.inner_convs(model, abstract, (size, size, 3))}
-            if eval_settings(config)["layers"] == "inner_convs" else kure_selection(config))
+  inner = eval_settings(config)["layers"] == "inner_convs"
+  if inner and config.model not in models_lib.MODELS:  # an image model's convs; NeuMF has dense layers only
+    raise UserError(f"config.eval.layers 'inner_convs' quantizes every conv but the first and last, but "
+                    f"{config.model} has no such convs; use --config.eval.layers=kure.")
+  layers = {"paths": models_lib.inner_convs(model, abstract, (size, size, 3))} if inner else kure_selection(config)
   expected = {"model": config.model, "num_classes": int(config.dataset.num_classes),
               "param_shapes": param_shapes(abstract["params"])}
   loaded = []
@@ -127,15 +169,6 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
       raise UserError(f"--checkpoint {path}: eval.fold_bn applies to float checkpoints; a QAT model was trained "
                       "on unfolded kernels (drop --config.eval.fold_bn).")
     loaded.append((variables, meta.get("quant")))
-  try:
-    eval_ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False,
-                                    seed=config.seed)
-    calib_ds = None
-    if any(t != "weights" for t in grid.targets) or "lapq" in grid.methods:
-      calib_ds = data_lib.make_dataset(config.dataset, "train", batch_size=config.eval_batch_size, train=False,
-                                       seed=config.seed)
-  except (ValueError, FileNotFoundError) as e:
-    raise UserError(str(e)) from e
 
   rows: list[dict[str, Any]] = []
   lapq_log: dict[str, dict[int, dict[str, Any]]] = {}
@@ -147,14 +180,16 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
                      lapq_options={"iterations": int(config.eval.lapq_iterations),
                                    "max_evals": config.eval.get("lapq_max_evals"),
                                    "progress": progress and jax.process_index() == 0})
-    if any(t != "weights" for t in grid.targets):  # a random sample of the train split, not its first (one-class) batches
+    if needs_acts and task.calibrate_on_train_batches:  # ranking: train batches (positives and sampled negatives)
+      calibration = [calib_ds.get_batch(i) for i in range(int(config.eval.calibration_batches))]
+    elif needs_acts:  # a random sample of the train split, not its first (one-class) batches
       bs = int(config.eval_batch_size)
       sample = calibration_sample(calib_ds, int(config.eval.calibration_batches) * bs, config.seed + 1)["image"]
       calibration = [sample[i:i + bs] for i in range(0, len(sample), bs)]
     if config.eval.get("fold_bn", False):  # quantize what an accelerator would: W·γ/√(σ²+ε)
       variables = fold_batchnorm(model, variables, (size, size, 3))
     sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, qat=qat_meta,
-                  **layers, **lapq_kw)
+                  task=task, **layers, **lapq_kw)
     batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())
     bar = None
     if progress and jax.process_index() == 0:
@@ -168,11 +203,13 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
                          for b, r in sweep.lapq_results.items()}
 
   if jax.process_index() == 0:
-    meta = {"model": config.model, "dataset": config.dataset.name, "checkpoints": dict(zip(labels, checkpoints)),
+    meta = {"model": config.model, "dataset": config.dataset.name, "task": task.name, "metric": task.metric.key,
+            "checkpoints": dict(zip(labels, checkpoints)),
             "preset": config.eval.get("preset", "ours"), "layers": eval_settings(config)["layers"],
             "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(grid).items()}}
     if lapq_log:  # LAPQ's calibration loss: Lp start → Powell, per checkpoint and bit-width
       meta["lapq"] = lapq_log
-    report.write_tables(rows, out_dir, meta)
-    report.plot_all(rows, out_dir, title=f"{config.model} on {config.dataset.name}: robustness to the quantizer")
+    report.write_tables(rows, out_dir, meta, metric=task.metric)
+    report.plot_all(rows, out_dir, title=f"{config.model} on {config.dataset.name}: robustness to the quantizer",
+                    metric=task.metric)
   return rows

@@ -1,4 +1,9 @@
-"""Robustness reports: JSON and CSV (written atomically), PNG plots, a terminal table."""
+"""Robustness reports: JSON and CSV (written atomically), PNG plots, a terminal table.
+
+Every table and plot shows the task's headline metric (`kure_jax.tasks.Metric`: top-1 in % for
+classification, HR@10 as a fraction for ranking). Each function takes it as ``metric=`` (a `Metric`,
+e.g. ``task.metric``); left unset, it is the metric of the task whose headline key the rows hold.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,25 @@ from collections.abc import Sequence
 from typing import Any
 
 _TARGET_NAMES = {"weights": "weights", "activations": "activations", "both": "weights + activations"}
-COLUMNS = ("checkpoint", "format", "bits", "ratio", "policy", "method", "target", "top1", "top5", "loss", "count")
+_POINT = ("checkpoint", "format", "bits", "ratio", "policy", "method", "target")
+COLUMNS = _POINT + ("top1", "top5", "loss", "count")  # robustness.csv of classification
+
+
+def metric_of(rows: Sequence[dict[str, Any]], metric=None):
+  """`metric`, or the headline `Metric` of the task whose key the rows hold (classification's top-1 if none)."""
+  from kure_jax import tasks  # the task registry (jax); imported here so this module loads without it
+
+  if metric is not None:
+    return metric
+  for task in tasks.TASKS.values():
+    if rows and task.metric.key in rows[0]:
+      return task.metric
+  return tasks.TOP1
+
+
+def columns(metric) -> tuple[str, ...]:
+  """robustness.csv's columns for `metric` (`COLUMNS` for top-1)."""
+  return _POINT + tuple(metric.columns) + ("loss", "count")
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -20,13 +43,15 @@ def _atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, meta: dict[str, Any] | None = None) -> dict[str, str]:
-  """robustness.json (rows + meta) and robustness.csv (one row per checkpoint × grid point)."""
+def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, meta: dict[str, Any] | None = None,
+                 metric=None) -> dict[str, str]:
+  """robustness.json (rows + meta) and robustness.csv (one row per checkpoint × grid point; the metric columns
+  are the task's: top1, top5 or hr@10, ndcg@10)."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {"json": os.path.join(out_dir, "robustness.json"), "csv": os.path.join(out_dir, "robustness.csv")}
   _atomic_write(paths["json"], json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=1))
   buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+  w = csv.DictWriter(buf, fieldnames=columns(metric_of(rows, metric)), extrasaction="ignore")
   w.writeheader()
   for r in rows:
     w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
@@ -38,20 +63,27 @@ def _at(rows, **match):
   return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
 
-def summary_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Top-1 at the base step (ratio 1, exact), its worst case over the ratios, and with a pow2 step; a second
-  table for the number-format points."""
+def summary_table(rows: Sequence[dict[str, Any]], metric=None) -> str:
+  """The headline metric (top-1, HR@10) at the base step (ratio 1, exact), its worst case over the ratios, and
+  with a pow2 step; a second table for the number-format points."""
+  metric = metric_of(rows, metric)
   ints = [r for r in rows if not r.get("format")]
   fmts = [r for r in rows if r.get("format")]
-  tables = ([_integer_table(ints)] if ints else []) + ([formats_table(fmts)] if fmts else [])
+  tables = ([_integer_table(ints, metric)] if ints else []) + ([formats_table(fmts, metric)] if fmts else [])
   return "\n\n".join(tables)
 
 
-def formats_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Per checkpoint and target: top-1 of each number format at its max scaling (ratio 1, exact), and its worst
-  case over the ratios."""
+def _named(metric) -> str:
+  return f"{metric.table_name} " if metric.table_name else ""
+
+
+def formats_table(rows: Sequence[dict[str, Any]], metric=None) -> str:
+  """Per checkpoint and target: the headline metric of each number format at its max scaling (ratio 1, exact),
+  and its worst case over the ratios."""
+  metric = metric_of(rows, metric)
+  key, fmt = metric.key, metric.fmt
   fmts = list(dict.fromkeys(r["format"] for r in rows))
-  lines = ["| checkpoint | target | " + " | ".join(f"{f} / worst" for f in fmts) + " |",
+  lines = ["| checkpoint | target | " + " | ".join(f"{_named(metric)}{f} / worst" for f in fmts) + " |",
            "| --- | --- | " + " | ".join("---:" for _ in fmts) + " |"]
   for ck in dict.fromkeys(r["checkpoint"] for r in rows):
     for target in dict.fromkeys(r["target"] for r in rows):
@@ -59,14 +91,16 @@ def formats_table(rows: Sequence[dict[str, Any]]) -> str:
       for f in fmts:
         exact = _at(rows, checkpoint=ck, target=target, format=f, policy="exact")
         base = min(exact, key=lambda r: abs(r["ratio"] - 1.0)) if exact else None
-        cells.append(f"{base['top1']:.1f} / {min(r['top1'] for r in exact):.1f}" if base else "–")
+        cells.append(f"{base[key]:{fmt}} / {min(r[key] for r in exact):{fmt}}" if base else "–")
       lines.append(f"| {ck} | {target} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def _integer_table(rows: Sequence[dict[str, Any]]) -> str:
+def _integer_table(rows: Sequence[dict[str, Any]], metric) -> str:
+  key, spec = metric.key, metric.fmt
   bits = sorted({r["bits"] for r in rows})
-  lines = ["| checkpoint | target | method | " + " | ".join(f"W{b} Δ̃ / worst / pow2" for b in bits) + " |",
+  lines = ["| checkpoint | target | method | " + " | ".join(f"{_named(metric)}W{b} Δ̃ / worst / pow2" for b in bits)
+           + " |",
            "| --- | --- | --- | " + " | ".join("---:" for _ in bits) + " |"]
   for ck in dict.fromkeys(r["checkpoint"] for r in rows):
     for target in dict.fromkeys(r["target"] for r in rows):
@@ -77,35 +111,39 @@ def _integer_table(rows: Sequence[dict[str, Any]]) -> str:
           base = min(exact, key=lambda r: abs(r["ratio"] - 1.0)) if exact else None
           pow2 = _at(rows, checkpoint=ck, target=target, method=method, bits=b, policy="pow2_nearest")
           pow2 = min(pow2, key=lambda r: abs(r["ratio"] - 1.0)) if pow2 else None
-          fmt = lambda r: f"{r['top1']:.1f}" if r else "–"
-          worst = min((r["top1"] for r in exact), default=None)
-          cells.append(f"{fmt(base)} / {worst:.1f} / {fmt(pow2)}" if worst is not None else "–")
+          fmt = lambda r: f"{r[key]:{spec}}" if r else "–"
+          worst = min((r[key] for r in exact), default=None)
+          cells.append(f"{fmt(base)} / {worst:{spec}} / {fmt(pow2)}" if worst is not None else "–")
         lines.append(f"| {ck} | {target} | {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "") -> dict[str, str]:
+def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "", metric=None) -> dict[str, str]:
   """accuracy_vs_ratio.png, accuracy_vs_bits.png and pow2.png (integer grids, every base-step method), and
-  formats.png (number formats) in `out_dir`; returns {plot: path} for what was drawn."""
+  formats.png (number formats) in `out_dir`, of the headline metric (top-1, HR@10; the file names stay);
+  returns {plot: path} for what was drawn."""
+  metric = metric_of(rows, metric)
   ints = [r for r in rows if not r.get("format")]
   fmts = [r for r in rows if r.get("format")]
   out = {}
   for method in dict.fromkeys(r["method"] for r in ints):  # one set of plots per base-step method
     suffix = "" if method == ints[0]["method"] else f"_{method}"
-    drawn = _plot_integer([r for r in ints if r["method"] == method], out_dir, title, method)
+    drawn = _plot_integer([r for r in ints if r["method"] == method], out_dir, title, method, metric)
     out.update({k + suffix: v.replace(".png", f"{suffix}.png") for k, v in drawn.items()})
     for v in drawn.values():
       if suffix:
         os.replace(v, v.replace(".png", f"{suffix}.png"))
   if fmts:
-    out["formats"] = _plot_formats(fmts, out_dir, title)
+    out["formats"] = _plot_formats(fmts, out_dir, title, metric)
   return out
 
 
-def _plot_formats(rows: Sequence[dict[str, Any]], out_dir: str, title: str) -> str:
-  """formats.png: top-1 of every format at ratio 1 (bars), and vs the step ratio where there are several."""
+def _plot_formats(rows: Sequence[dict[str, Any]], out_dir: str, title: str, metric) -> str:
+  """formats.png: the headline metric of every format at ratio 1 (bars), and vs the step ratio where there are
+  several."""
   from matplotlib.figure import Figure
 
+  key, label, ylim = metric.key, metric.label, (0, metric.best)
   os.makedirs(out_dir, exist_ok=True)
   checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
   targets = list(dict.fromkeys(r["target"] for r in rows))
@@ -121,9 +159,9 @@ def _plot_formats(rows: Sequence[dict[str, Any]], out_dir: str, title: str) -> s
       vals = []
       for f in fmts:
         pts = _at(rows, checkpoint=ck, target=target, format=f, policy="exact")
-        vals.append(min(pts, key=lambda r: abs(r["ratio"] - 1.0))["top1"] if pts else 0.0)
+        vals.append(min(pts, key=lambda r: abs(r["ratio"] - 1.0))[key] if pts else 0.0)
       ax.bar([i + (ci - (len(checkpoints) - 1) / 2) * width for i in range(len(fmts))], vals, width, label=ck)
-    ax.set(xticks=range(len(fmts)), ylabel="top-1 (%)", ylim=(0, 100),
+    ax.set(xticks=range(len(fmts)), ylabel=label, ylim=ylim,
            title=f"number formats at max scaling ({_TARGET_NAMES[target]})")
     ax.set_xticklabels(fmts, rotation=30, ha="right", fontsize=8)
     ax.grid(alpha=0.3, axis="y")
@@ -134,23 +172,24 @@ def _plot_formats(rows: Sequence[dict[str, Any]], out_dir: str, title: str) -> s
       for ci, ck in enumerate(checkpoints):
         for fi, f in enumerate(fmts):
           pts = sorted(_at(rows, checkpoint=ck, target=target, format=f, policy="exact"), key=lambda r: r["ratio"])
-          ax.plot([r["ratio"] for r in pts], [r["top1"] for r in pts], styles[ci % 4], color=f"C{fi % 10}",
+          ax.plot([r["ratio"] for r in pts], [r[key] for r in pts], styles[ci % 4], color=f"C{fi % 10}",
                   marker="o", ms=3, label=f"{ck}, {f}")
       ax.axvline(1.0, color="grey", lw=0.6)
-      ax.set(xlabel="scale ratio (× the format's max scaling)", ylabel="top-1 (%)", ylim=(0, 100))
+      ax.set(xlabel="scale ratio (× the format's max scaling)", ylabel=label, ylim=ylim)
       ax.grid(alpha=0.3)
       ax.legend(fontsize=6, ncol=max(1, len(checkpoints)))
-  fig.suptitle(title or "Accuracy in number formats")
+  fig.suptitle(title or f"{metric.title} in number formats")
   fig.tight_layout()
   path = os.path.join(out_dir, "formats.png")
   fig.savefig(path, dpi=110)
   return path
 
 
-def _plot_integer(rows: Sequence[dict[str, Any]], out_dir: str, title: str, method: str) -> dict[str, str]:
+def _plot_integer(rows: Sequence[dict[str, Any]], out_dir: str, title: str, method: str, metric) -> dict[str, str]:
   from matplotlib import colormaps
   from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) stays as it is
 
+  key, label, ylim = metric.key, metric.label, (0, metric.best)
   os.makedirs(out_dir, exist_ok=True)
   checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
   targets = list(dict.fromkeys(r["target"] for r in rows))
@@ -167,14 +206,15 @@ def _plot_integer(rows: Sequence[dict[str, Any]], out_dir: str, title: str, meth
         pts = sorted(_at(rows, checkpoint=ck, target=target, bits=b, policy="exact", method=method),
                      key=lambda r: r["ratio"])
         if pts:
-          ax.plot([r["ratio"] for r in pts], [r["top1"] for r in pts], styles[ci % 4], color=colors[bi],
+          ax.plot([r["ratio"] for r in pts], [r[key] for r in pts], styles[ci % 4], color=colors[bi],
                   marker="o", ms=3, label=f"{ck}, {b} bits")
     ax.axvline(1.0, color="grey", lw=0.6)
-    ax.set(xlabel="step ratio Δ / Δ̃", ylabel="top-1 (%)", title=f"quantized: {_TARGET_NAMES[target]}",
-           ylim=(0, 100))
+    ax.set(xlabel="step ratio Δ / Δ̃", ylabel=label, title=f"quantized: {_TARGET_NAMES[target]}",
+           ylim=ylim)
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7, ncol=len(checkpoints), loc="lower center")
-  fig.suptitle(f"{title} (base step: {method})" if title else f"Accuracy vs step-size error (base step: {method})")
+  fig.suptitle(f"{title} (base step: {method})" if title
+               else f"{metric.title} vs step-size error (base step: {method})")
   fig.tight_layout()
   out["ratio"] = os.path.join(out_dir, "accuracy_vs_ratio.png")
   fig.savefig(out["ratio"], dpi=110)
@@ -187,9 +227,9 @@ def _plot_integer(rows: Sequence[dict[str, Any]], out_dir: str, title: str, meth
       for b in bits:
         exact = _at(rows, checkpoint=ck, target=target, bits=b, policy="exact", method=method)
         if exact:
-          pts.append((b, min(exact, key=lambda r: abs(r["ratio"] - 1.0))["top1"]))
+          pts.append((b, min(exact, key=lambda r: abs(r["ratio"] - 1.0))[key]))
       ax.plot(*zip(*pts), styles[ci % 4], marker="os^v"[ti % 4], label=f"{ck}, {target}")
-  ax.set(xlabel="bits", ylabel="top-1 (%)", title="Accuracy vs bit-width at the base step", ylim=(0, 100),
+  ax.set(xlabel="bits", ylabel=label, title=f"{metric.title} vs bit-width at the base step", ylim=ylim,
          xticks=bits)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
@@ -209,11 +249,11 @@ def _plot_integer(rows: Sequence[dict[str, Any]], out_dir: str, title: str, meth
           vals = []
           for b in bits:
             pts = _at(rows, checkpoint=ck, target=target, bits=b, policy=pol, method=method)
-            vals.append(min(pts, key=lambda r: abs(r["ratio"] - 1.0))["top1"] if pts else 0.0)
+            vals.append(min(pts, key=lambda r: abs(r["ratio"] - 1.0))[key] if pts else 0.0)
           ax.bar([i + (k - (len(checkpoints) * len(policies) - 1) / 2) * width for i in range(len(bits))], vals,
                  width, label=f"{ck}, {pol}")
           k += 1
-      ax.set(xticks=range(len(bits)), xticklabels=[f"{b} bits" for b in bits], ylabel="top-1 (%)", ylim=(0, 100),
+      ax.set(xticks=range(len(bits)), xticklabels=[f"{b} bits" for b in bits], ylabel=label, ylim=ylim,
              title=f"Exact vs power-of-two step ({_TARGET_NAMES[target]})")
       ax.grid(alpha=0.3, axis="y")
     axes[0][-1].legend(fontsize=7)

@@ -22,6 +22,12 @@ other Δ̃). One LAPQ run serves every target of the grid: it quantizes the weig
 quantizes weights and the activations if any target quantizes activations (the widest target),
 so in a grid with 'weights' and 'both' the weight-only points use the weight steps LAPQ found
 together with the activation steps.
+
+The metric is the task's (`kure_jax.tasks.Task`, ``task=``): every model call takes
+``task.inputs(batch)``, every point sums ``task.eval_sums`` and each row reports ``task.summarize``
+(classification: top-1/top-5 in % and the loss; ranking, NCF on MovieLens: HR@10, NDCG@10 and the loss),
+plus the task's exact counts (``task.exact``: 'correct' top-1 hits, or ranking 'hits'). The grid, the
+step tables and the single compilation are the same for every task.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from kure_jax import quant as Q
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import select_kernels
 from kure_jax.models.layers import BIAS_CORRECTIONS, INTERMEDIATES, quant_collection
+from kure_jax.tasks import CLASSIFICATION, Task
 
 POLICIES = ("exact", "pow2_nearest", "pow2_floor", "pow2_ceil")
 METHODS = ("mse", "max", "aciq_gauss", "aciq_laplace", "learned", "lapq")  # learned: a QAT checkpoint's own steps
@@ -129,16 +136,18 @@ def _method_fn(method: str) -> Callable[..., jax.Array]:
   return Q.STEP_METHODS[method]
 
 
-def record_activations(model, variables: dict, images: Iterable[np.ndarray], paths: Sequence[str],
+def record_activations(model, variables: dict, images: Iterable[np.ndarray | tuple], paths: Sequence[str],
                        max_values: int = 1 << 16, seed: int = 0) -> dict[str, np.ndarray]:
   """A sample of each selected layer's input over calibration images (recorded once).
 
-  `variables` may hold a 'quant' collection (e.g. DoReFa's weight normalization).
+  Each element of `images` is one batch of the model's input (an image array), or a tuple of its positional
+  inputs (e.g. NeuMF's (user, item) ids). `variables` may hold a 'quant' collection (e.g. DoReFa's weight
+  normalization).
   """
-  fn = jax.jit(lambda v, x: model.apply(v, x, mutable=[INTERMEDIATES])[1][INTERMEDIATES])
+  fn = jax.jit(lambda v, *x: model.apply(v, *x, mutable=[INTERMEDIATES])[1][INTERMEDIATES])
   chunks: dict[str, list[np.ndarray]] = {p: [] for p in paths}
   for x in images:
-    inter = jax.device_get(fn(variables, x))
+    inter = jax.device_get(fn(variables, *(x if isinstance(x, tuple) else (x,))))
     for p in paths:
       node = inter
       for part in p.split("/")[:-1]:
@@ -157,7 +166,12 @@ class Sweep:
 
   ``Sweep(model, variables, grid, calibration=...)`` prepares the grid arrays and the
   activation samples; ``score(batches)`` runs the single compiled function over the data
-  and returns one row per grid point with top-1, top-5 (%) and mean loss.
+  and returns one row per grid point with the task's metrics: classification (the default
+  `task`) top-1, top-5 (%), mean loss, 'correct' and 'count'; ranking (``task=tasks.RANKING``)
+  hr@10, ndcg@10, mean loss, 'hits' and 'count' (users).
+
+  `calibration` (needed when activations are quantized): batches of model input, each an image
+  array or a batch dict, whose ``task.inputs`` feed the model (ranking: a few train batches).
 
   A QAT checkpoint passes ``qat=meta["quant"]`` (and its variables hold LSQ's 'qsteps'):
   its quantized layers are scored, DoReFa's weight normalization stays on at every point,
@@ -176,8 +190,9 @@ class Sweep:
                paths: Sequence[str] | None = None, chunk: int = 1, qat: dict[str, Any] | None = None,
                lapq_calibration: Mapping | Iterable[Mapping] | None = None,
                lapq_steps: Mapping[int, Mapping[str, Mapping[str, Any]]] | None = None,
-               lapq_options: Mapping[str, Any] | None = None):
+               lapq_options: Mapping[str, Any] | None = None, task: Task = CLASSIFICATION):
     self.grid = grid.validate()
+    self.task = task
     self.model = model
     self.variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     self.qat = qat
@@ -187,6 +202,9 @@ class Sweep:
     if "learned" in grid.methods and not qat:
       raise UserError("grid.methods 'learned' needs a QAT checkpoint (trained with quant.method=dorefa or lsq).")
     if "lapq" in grid.methods:  # checked before anything compiles
+      if not task.supports_lapq:
+        raise UserError(f"grid.methods 'lapq' is not available for the {task.name!r} task: LAPQ's calibration loss "
+                        "is the classification cross-entropy; use another method (mse, max, aciq_gauss, ...).")
       if lapq_calibration is None and not set(grid.bits) <= {int(b) for b in (lapq_steps or {})}:
         raise UserError("grid.methods 'lapq' needs labelled calibration data (lapq_calibration: batches with "
                         "'image' and 'label', e.g. 512 train images) or precomputed lapq_steps for every bit-width.")
@@ -207,12 +225,13 @@ class Sweep:
     self.points = grid.points()
     needs_acts = any(t != "weights" for t in grid.targets)
     if needs_acts and calibration is None:
-      raise UserError("grid.targets quantizes activations: pass calibration images (a few batches).")
+      raise UserError("grid.targets quantizes activations: pass calibration data (a few batches of model input).")
     if needs_acts and "learned" in grid.methods and any(v["a"] is None for v in self._learned.values()):
       raise UserError("grid.methods 'learned' with activations: this checkpoint learned no activation steps "
                       "(trained with quant.a_bits=0); use targets=('weights',) or another method.")
     recording = dict(self.variables, quant=self._transform_collection()) if self.dorefa else self.variables
-    acts = record_activations(model, recording, calibration, self.paths) if needs_acts else {}
+    inputs = ([task.inputs(b) if isinstance(b, Mapping) else b for b in calibration] if needs_acts else [])
+    acts = record_activations(model, recording, inputs, self.paths) if needs_acts else {}
     self.act_grids = {p: ("unsigned" if v.min() >= 0 else "signed") for p, v in acts.items()}
     self._acts = {p: jnp.asarray(v) for p, v in acts.items()}
     bits = list(grid.bits) or [8]  # formats only: a placeholder bit-width for the (unused) integer step tables
@@ -350,18 +369,18 @@ class Sweep:
     return quant_collection(None, layers)
 
   def _batch_sums(self, variables: dict, base: dict, arrays: dict, batch: dict) -> dict:
-    from kure_jax.train import classification_sums
+    inputs = self.task.inputs(batch)
 
     def one(pt):
-      logits = self.model.apply({**variables, "quant": self._quant_for_point(base, pt)}, batch["image"])
-      return classification_sums(logits.astype(jnp.float32), batch["label"], batch["mask"])
+      logits = self.model.apply({**variables, "quant": self._quant_for_point(base, pt)}, *inputs)
+      return self.task.eval_sums(logits.astype(jnp.float32), batch)
 
     return jax.lax.map(one, arrays, batch_size=self.chunk)
 
   # -- host side -------------------------------------------------------------------------
 
   def _placed_like(self, batch: dict) -> tuple[dict, dict, dict]:
-    sharding = getattr(batch["image"], "sharding", None)
+    sharding = getattr(self.task.inputs(batch)[0], "sharding", None)
     variables, acts, arrays, lapq = self.variables, self._acts, self._arrays, self._lapq
     if isinstance(sharding, jax.sharding.NamedSharding):
       rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
@@ -385,7 +404,8 @@ class Sweep:
     t = jax.device_get(totals)
     rows = []
     for i, pt in enumerate(self.points):
-      n = max(float(t["count"][i]), 1.0)
-      rows.append({**pt, "top1": 100 * float(t["top1"][i]) / n, "top5": 100 * float(t["top5"][i]) / n,
-                   "loss": float(t["loss"][i]) / n, "correct": int(t["top1"][i]), "count": int(t["count"][i])})
+      point = {k: v[i] for k, v in t.items()}
+      metrics = self.task.summarize(point)
+      count = metrics.pop("count")
+      rows.append({**pt, **metrics, **self.task.exact(point), "count": count})
     return rows
