@@ -2,6 +2,10 @@
 
   python scripts/export_weights.py --workdir runs/study/kure_s1 --name kure_s1 [--out weights] \
       [--data_dir ../shared/data/cifar10] [--note "..."]
+  python scripts/export_weights.py --workdir runs/ncf/act_s0 --name ncf_act_s0 \
+      --config_file configs/movielens_neumf.py --data_dir ../shared/data/movielens
+
+For an NCF (task 'ranking') run the manifest holds HR@10 and NDCG@10 (fractions) in place of top-1.
 
 Writes <out>/<name>/{variables.msgpack, meta.json} and updates <out>/MANIFEST.json with the model's config
 overrides (against the config file it was trained from), seed, top-1 on the real test set (re-evaluated here, in
@@ -25,7 +29,7 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from kure_jax import data as data_lib  # noqa: E402
 from kure_jax import models as models_lib  # noqa: E402
-from kure_jax import sharding, weights  # noqa: E402
+from kure_jax import qat, sharding, tasks, weights  # noqa: E402
 from kure_jax.checkpoint import load_variables  # noqa: E402
 from kure_jax.kurtosis import kurtosis_by_layer  # noqa: E402
 from kure_jax.train import evaluate, kure_selection, make_eval_step  # noqa: E402
@@ -76,7 +80,7 @@ def main() -> int:
   ap.add_argument("--name", required=True)
   ap.add_argument("--out", default="weights")
   ap.add_argument("--config_file", default=CONFIG_FILE)
-  ap.add_argument("--data_dir", default="../shared/data/cifar10")
+  ap.add_argument("--data_dir", default=None, help="default: ../shared/data/cifar10 (movielens for NCF runs)")
   ap.add_argument("--command", default=None, help="the command that made it (default: train.py with the overrides)")
   ap.add_argument("--note", default="")
   args = ap.parse_args()
@@ -92,22 +96,29 @@ def main() -> int:
     return 2
   config = ConfigDict(trained)
   variables, meta = load_variables(args.workdir)
+  task = tasks.get(trained.get("task", "classification"))
+  ranking = task.name == "ranking"
+  data_dir = args.data_dir or ("../shared/data/movielens" if ranking else "../shared/data/cifar10")
 
-  # top-1 in float32 on the test set, here
-  config.dataset.name, config.dataset.data_dir = "folder", args.data_dir
+  # the task's metric in float32 on the test set, here
+  if not ranking:
+    config.dataset.name = "folder"
+  config.dataset.data_dir = data_dir
   ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False, seed=0)
-  model = models_lib.get_model(config.model, config.dataset.num_classes,
-                               **({"weight_grid": "midrise"} if meta.get("quant", {}) and
-                                  meta["quant"].get("method") == "dorefa" else {}))
+  if ranking:
+    kwargs = {**qat.model_kwargs(config), **task.model_kwargs(ds)}
+  else:
+    kwargs = {"weight_grid": "midrise"} if meta.get("quant", {}) and meta["quant"].get("method") == "dorefa" else {}
+  model = models_lib.get_model(config.model, config.dataset.num_classes, **kwargs)
   mesh = sharding.make_mesh()
   float_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  top1 = evaluate(jax.jit(make_eval_step(model)), float_vars, ds, mesh)["top1"]
+  scores = evaluate(jax.jit(make_eval_step(model, task=task)), float_vars, ds, mesh, task=task)
   kurt = jax.device_get(kurtosis_by_layer(variables["params"], **kure_selection(config)))
   metrics = os.path.join(args.workdir, "metrics.jsonl")
   ov = overrides(trained, args.config_file)
   command = args.command or " ".join(
-      ["python train.py --config", args.config_file, "--config.dataset.name=folder",
-       f"--config.dataset.data_dir={args.data_dir}"] +
+      ["python train.py --config", args.config_file] +
+      ([] if ranking else ["--config.dataset.name=folder"]) + [f"--config.dataset.data_dir={data_dir}"] +
       ([f"--config.init_from={trained['init_from']}"] if trained.get("init_from") else []) +
       [f"--config.{k}={v}" for k, v in ov.items()])
 
@@ -115,16 +126,21 @@ def main() -> int:
                         {k: meta[k] for k in ("model", "num_classes", "image_size", "param_shapes", "quant")
                          if k in meta})
   manifest = weights.read_manifest(args.out)
+  if ranking:
+    scored = {"task": task.name, "hr@10_float": round(scores["hr@10"], 4), "ndcg@10_float": round(scores["ndcg@10"], 4),
+              "hr@10_at_training": last_eval(metrics).get("hr@10")}
+  else:
+    scored = {"top1_float": round(scores["top1"], 2), "top1_at_training": last_eval(metrics).get("top1")}
   manifest["models"][args.name] = {
-      "config": args.config_file, "overrides": ov, "seed": trained.get("seed", 0),
-      "top1_float": round(top1, 2), "top1_at_training": last_eval(metrics).get("top1"),
+      "config": args.config_file, "overrides": ov, "seed": trained.get("seed", 0), **scored,
       "kurtosis_mean": round(float(np.mean(list(kurt.values()))), 4),
       "sha256": digest, "command": command, "wall_time_s": round(wall_time_s(metrics, config.batch_size)),
       "steps": int(last_eval(metrics).get("step", 0)), "init_from": trained.get("init_from") or None,
       "quant": meta.get("quant"), "note": args.note,
   }
   weights.write_manifest(args.out, manifest)
-  print(f"{args.name}: top-1 {top1:.2f}%, kurtosis {manifest['models'][args.name]['kurtosis_mean']}, "
+  headline = f"HR@10 {scores['hr@10']:.4f}" if ranking else f"top-1 {scores['top1']:.2f}%"
+  print(f"{args.name}: {headline}, kurtosis {manifest['models'][args.name]['kurtosis_mean']}, "
         f"sha256 {digest[:12]}… → {args.out}/{args.name}")
   return 0
 
