@@ -17,22 +17,8 @@ read -r -a extra <<< "${EXTRA:-}"
 common=(--config configs/movielens_neumf.py --config.dataset.data_dir="$data" --config.progress=False "${extra[@]}")
 mkdir -p "$out"
 
-wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }
-
-run() {  # run NAME OVERRIDES...: one train.py run in $out/NAME, skipped when done, timed
-  local name=$1; shift
-  wanted "$name" || return 0
-  [[ -f "$out/$name/done" ]] && return 0
-  local t0=$SECONDS
-  if python train.py "${common[@]}" --workdir "$out/$name" "$@" > "$out/$name.log" 2>&1; then
-    if grep -q "'interrupted': False" "$out/$name.log"; then
-      touch "$out/$name/done"
-      printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$out/wall_times.tsv"
-    fi
-  else
-    echo "$name failed: see $out/$name.log" >&2
-  fi
-}
+# shellcheck source=scripts/train_runs.sh
+source "$(dirname "$0")/train_runs.sh"
 
 for seed in 0 1 2; do
   run "baseline_s$seed" --config.seed="$seed" --config.kure.weight=0 --config.kure.activations=0

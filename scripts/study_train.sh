@@ -19,22 +19,8 @@ common=(--config configs/cifar10_resnet20.py --config.dataset.name=folder --conf
         --config.progress=False "${extra[@]}")
 mkdir -p "$out"
 
-wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }
-
-run() {  # run NAME OVERRIDES...: one train.py run in $out/NAME, skipped when done, timed
-  local name=$1; shift
-  wanted "$name" || return 0
-  [[ -f "$out/$name/done" ]] && return 0
-  local t0=$SECONDS
-  if python train.py "${common[@]}" --workdir "$out/$name" "$@" > "$out/$name.log" 2>&1; then
-    if grep -q "'interrupted': False" "$out/$name.log"; then
-      touch "$out/$name/done"
-      printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$out/wall_times.tsv"
-    fi
-  else
-    echo "$name failed: see $out/$name.log" >&2
-  fi
-}
+# shellcheck source=scripts/train_runs.sh
+source "$(dirname "$0")/train_runs.sh"
 
 # 1. the converged base: the recipe of configs/cifar10_resnet20.py
 run base

@@ -342,22 +342,11 @@ def make_dataset(config: Any, split: str, *, batch_size: int, train: bool, seed:
   (NCF's training interactions) or 'eval' / 'test' (the leave-one-out test item with its 99 negatives).
   Raises UserError (a ValueError) for missing or malformed files, ValueError for a bad batch size or split.
   """
-  from kure_jax.data.pipeline import _get  # pylint: disable=g-import-not-at-top
+  from kure_jax.data.pipeline import _get, check_batching  # pylint: disable=g-import-not-at-top
 
   if split not in ("train", "eval", "test"):
     raise ValueError(f"movielens has the splits 'train' and 'eval' (= 'test'), got {split!r}.")
-  if process_count is None or process_index is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    process_count = jax.process_count() if process_count is None else process_count
-    process_index = jax.process_index() if process_index is None else process_index
-  if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-  if batch_size % process_count:
-    raise ValueError(f"the global batch_size {batch_size} is not divisible by the number of processes "
-                     f"({process_count}); use a multiple of {process_count}.")
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  process_index, process_count = check_batching(batch_size, start_step, process_index, process_count)
   num_negatives = _get(config, "num_negatives", 4)
   if not isinstance(num_negatives, (int, np.integer)) or isinstance(num_negatives, bool) or num_negatives < 0:
     raise ValueError(f"dataset.num_negatives must be an int ≥ 0, got {num_negatives!r}.")

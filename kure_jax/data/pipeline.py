@@ -273,6 +273,28 @@ def _disk_cache_dir(config: Any, cache_dir: str | os.PathLike | None) -> Path | 
   return cache_lib.default_cache_dir()
 
 
+def check_batching(batch_size: Any, start_step: int, process_index: int | None,
+                   process_count: int | None) -> tuple[int, int]:
+  """(process_index, process_count), JAX's where None, after checking the global batch size and the start
+  step against them (ValueError in one line): what every dataset of `make_dataset` needs."""
+  if process_count is None or process_index is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_count = jax.process_count() if process_count is None else process_count
+    process_index = jax.process_index() if process_index is None else process_index
+  if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}.")
+  if batch_size % process_count:
+    raise ValueError(f"the global batch_size {batch_size} is not divisible by the number of processes "
+                     f"(jax.process_count() = {process_count}); use a multiple of {process_count} "
+                     f"(each host loads batch_size / process_count examples).")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  return int(process_index), int(process_count)
+
+
 def make_dataset(config: Any, split: str, *, batch_size: int, train: bool, seed: int = 0, start_step: int = 0,
                  process_index: int | None = None, process_count: int | None = None,
                  cache_dir: str | os.PathLike | None = None, num_workers: int | None = None,
@@ -319,21 +341,7 @@ def make_dataset(config: Any, split: str, *, batch_size: int, train: bool, seed:
       "cifar" if name == "cifar10" or (name == "folder" and image_size <= 64) else "imagenet")
   if preprocess not in PREPROCESS_STYLES:
     raise ValueError(f"unknown dataset.preprocess {preprocess!r}; choose one of {PREPROCESS_STYLES}.")
-  if process_count is None or process_index is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    process_count = jax.process_count() if process_count is None else process_count
-    process_index = jax.process_index() if process_index is None else process_index
-  if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}.")
-  if batch_size % process_count:
-    raise ValueError(f"the global batch_size {batch_size} is not divisible by the number of processes "
-                     f"(jax.process_count() = {process_count}); use a multiple of {process_count} "
-                     f"(each host loads batch_size / process_count examples).")
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  process_index, process_count = check_batching(batch_size, start_step, process_index, process_count)
   if prefetch < 0:
     raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
   workers = num_workers or _cpu_count()

@@ -1,0 +1,20 @@
+# Shared by the study scripts (sourced, not run): `wanted NAME` and `run NAME OVERRIDES...`.
+# The sourcing script sets $out (the runs folder) and the array `common` (train.py's arguments for every run);
+# ONLY="a b" restricts the runs.
+
+wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }
+
+run() {  # run NAME OVERRIDES...: one train.py run in $out/NAME, skipped when done, timed
+  local name=$1; shift
+  wanted "$name" || return 0
+  [[ -f "$out/$name/done" ]] && return 0
+  local t0=$SECONDS
+  if python train.py "${common[@]}" --workdir "$out/$name" "$@" > "$out/$name.log" 2>&1; then
+    if grep -q "'interrupted': False" "$out/$name.log"; then
+      touch "$out/$name/done"
+      printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$out/wall_times.tsv"
+    fi
+  else
+    echo "$name failed: see $out/$name.log" >&2
+  fi
+}
