@@ -388,7 +388,9 @@ def quiet_orbax_logs() -> None:
   reported as one line. Orbax also logs it at ERROR from its background threads, and a failed
   restore or save leaves the sibling reads/writes it gathered un-awaited in an event loop it has
   closed; asyncio reports those ("Task exception was never retrieved", "Event loop is closed",
-  "Exception ignored in <coroutine>") whenever they are garbage-collected, often at exit.
+  "Exception ignored in <coroutine>") whenever they are garbage-collected, often at exit. A future
+  that tensorstore completed with the error carries no orbax frame, so any un-retrieved future or
+  task is dropped: the command-line tools run no event loop of their own, only orbax does.
   """
   global _quiet
   if _quiet:
@@ -396,8 +398,8 @@ def quiet_orbax_logs() -> None:
   _quiet = True
   logging.getLogger("absl").addFilter(lambda r: f"{os.sep}orbax{os.sep}" not in (r.pathname or ""))
   for name in ("asyncio", "concurrent.futures"):
-    logging.getLogger(name).addFilter(lambda r: not _orbax_debris(r.exc_info[1] if r.exc_info else None,
-                                                                   _message(r)))
+    logging.getLogger(name).addFilter(lambda r: not (_UNRETRIEVED in _message(r) or _orbax_debris(
+        r.exc_info[1] if r.exc_info else None, _message(r))))
   previous = sys.unraisablehook
 
   def hook(unraisable):
@@ -412,6 +414,7 @@ def quiet_orbax_logs() -> None:
 
 
 _quiet = False
+_UNRETRIEVED = "exception was never retrieved"  # asyncio's words for a Future's or a Task's
 
 
 def _message(record: logging.LogRecord) -> str:
