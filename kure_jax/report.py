@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import os
+import re
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +36,57 @@ def metric_of(rows: Sequence[dict[str, Any]], metric=None):
 def columns(metric) -> tuple[str, ...]:
   """robustness.csv's columns for `metric` (`COLUMNS` for top-1)."""
   return _POINT + tuple(metric.columns) + ("loss", "count")
+
+
+def arm_of(checkpoint: str) -> str:
+  """The arm a checkpoint belongs to: its name less a trailing seed (`kure_s1`, `kure-seed2` -> `kure`)."""
+  m = re.fullmatch(r"(.+?)[_-](?:s|seed)\d+", checkpoint)
+  return m.group(1) if m else checkpoint
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+  """Mean, sample standard deviation (0 for one value) and count."""
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+
+
+def _groups(checkpoints: Sequence[str]) -> list[tuple[str, list[str]]]:
+  """(legend label, checkpoints) per plotted line: seeds of one arm are drawn as one mean line with a ±1 std band
+  (labelled `arm (n seeds)`) as soon as some arm has several; otherwise one line per checkpoint."""
+  arms: dict[str, list[str]] = {}
+  for ck in checkpoints:
+    arms.setdefault(arm_of(ck), []).append(ck)
+  if all(len(v) == 1 for v in arms.values()):
+    return [(ck, [ck]) for ck in checkpoints]
+  return [(f"{a} ({len(v)} seeds)" if len(v) > 1 else v[0], v) for a, v in arms.items()]
+
+
+def _base(rows, **match):
+  """The row nearest ratio 1 among those matching, or None."""
+  pts = _at(rows, **match)
+  return min(pts, key=lambda r: abs(r["ratio"] - 1.0)) if pts else None
+
+
+def _curve(per_checkpoint: dict[str, dict[float, float]]) -> tuple[list, list[float], list[float]]:
+  """{checkpoint: {x: y}} -> (xs, mean, std) over the checkpoints holding each x."""
+  xs = sorted({x for d in per_checkpoint.values() for x in d})
+  stats = [mean_std([d[x] for d in per_checkpoint.values() if x in d]) for x in xs]
+  return xs, [m for m, _, _ in stats], [s for _, s, _ in stats]
+
+
+def _line(ax, xs, ys, sd, style: str, color, marker: str, label: str) -> None:
+  ax.plot(xs, ys, style, color=color, marker=marker, ms=3, label=label)
+  if any(sd):
+    ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15,
+                    lw=0)
+
+
+def _legend(ax, n_entries: int, beside: bool = False) -> None:
+  """Inside the axes while short, beside them (saved with bbox_inches='tight') once it would cover the curves
+  (bar charts: always beside, their low bars fill the corners)."""
+  if n_entries <= 6 and not beside:
+    ax.legend(fontsize=7, loc="lower left")
+  else:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + n_entries // 24)
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -99,7 +152,7 @@ def formats_table(rows: Sequence[dict[str, Any]], metric=None) -> str:
 def _integer_table(rows: Sequence[dict[str, Any]], metric) -> str:
   key, spec = metric.key, metric.fmt
   bits = sorted({r["bits"] for r in rows})
-  lines = ["| checkpoint | target | method | " + " | ".join(f"{_named(metric)}W{b} Δ̃ / worst / pow2" for b in bits)
+  lines = ["| checkpoint | target | method | " + " | ".join(f"{_named(metric)}{b} bits Δ̃ / worst / pow2" for b in bits)
            + " |",
            "| --- | --- | --- | " + " | ".join("---:" for _ in bits) + " |"]
   for ck in dict.fromkeys(r["checkpoint"] for r in rows):
@@ -139,125 +192,128 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "", metr
 
 
 def _plot_formats(rows: Sequence[dict[str, Any]], out_dir: str, title: str, metric) -> str:
-  """formats.png: the headline metric of every format at ratio 1 (bars), and vs the step ratio where there are
-  several."""
+  """formats.png: the headline metric of every format at ratio 1 (bars; seeds of one arm: mean, ±1 std whiskers),
+  and vs the step ratio where there are several."""
   from matplotlib.figure import Figure
 
   key, label, ylim = metric.key, metric.label, (0, metric.best)
   os.makedirs(out_dir, exist_ok=True)
-  checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+  groups = _groups(list(dict.fromkeys(r["checkpoint"] for r in rows)))
   targets = list(dict.fromkeys(r["target"] for r in rows))
   fmts = list(dict.fromkeys(r["format"] for r in rows))
   ratios = sorted({r["ratio"] for r in rows})
   n_rows = 2 if len(ratios) > 1 else 1
   fig = Figure(figsize=(max(6.5, 0.9 * len(fmts) + 2) * len(targets), 4.4 * n_rows))
   axes = fig.subplots(n_rows, len(targets), squeeze=False)
-  width = 0.8 / len(checkpoints)
+  width = 0.8 / len(groups)
   for col, target in enumerate(targets):
     ax = axes[0][col]
-    for ci, ck in enumerate(checkpoints):
-      vals = []
-      for f in fmts:
-        pts = _at(rows, checkpoint=ck, target=target, format=f, policy="exact")
-        vals.append(min(pts, key=lambda r: abs(r["ratio"] - 1.0))[key] if pts else 0.0)
-      ax.bar([i + (ci - (len(checkpoints) - 1) / 2) * width for i in range(len(fmts))], vals, width, label=ck)
+    for gi, (name, cks) in enumerate(groups):
+      xs, ys, sd = _curve({ck: {i: r[key] for i, f in enumerate(fmts)
+                                if (r := _base(rows, checkpoint=ck, target=target, format=f, policy="exact"))}
+                           for ck in cks})
+      ax.bar([x + (gi - (len(groups) - 1) / 2) * width for x in xs], ys, width, yerr=sd if any(sd) else None,
+             capsize=2, label=name)
     ax.set(xticks=range(len(fmts)), ylabel=label, ylim=ylim,
            title=f"number formats at max scaling ({_TARGET_NAMES[target]})")
     ax.set_xticklabels(fmts, rotation=30, ha="right", fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, loc="lower left")
+    _legend(ax, len(groups), beside=True)
     if n_rows == 2:
       ax = axes[1][col]
-      styles = ["-", "--", ":", "-."]
-      for ci, ck in enumerate(checkpoints):
+      for gi, (name, cks) in enumerate(groups):
         for fi, f in enumerate(fmts):
-          pts = sorted(_at(rows, checkpoint=ck, target=target, format=f, policy="exact"), key=lambda r: r["ratio"])
-          ax.plot([r["ratio"] for r in pts], [r[key] for r in pts], styles[ci % 4], color=f"C{fi % 10}",
-                  marker="o", ms=3, label=f"{ck}, {f}")
+          xs, ys, sd = _curve({ck: {r["ratio"]: r[key] for r in _at(rows, checkpoint=ck, target=target, format=f,
+                                                                       policy="exact")} for ck in cks})
+          if xs:
+            _line(ax, xs, ys, sd, _STYLES[gi % 4], f"C{fi % 10}", _MARKERS[gi % len(_MARKERS)], f"{name}, {f}")
       ax.axvline(1.0, color="grey", lw=0.6)
       ax.set(xlabel="scale ratio (× the format's max scaling)", ylabel=label, ylim=ylim)
       ax.grid(alpha=0.3)
-      ax.legend(fontsize=6, ncol=max(1, len(checkpoints)))
+      _legend(ax, len(groups) * len(fmts))
   fig.suptitle(title or f"{metric.title} in number formats")
   fig.tight_layout()
   path = os.path.join(out_dir, "formats.png")
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   return path
 
 
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = "osD^v<>ph*"
+
+
 def _plot_integer(rows: Sequence[dict[str, Any]], out_dir: str, title: str, method: str, metric) -> dict[str, str]:
+  """accuracy_vs_ratio.png, accuracy_vs_bits.png and (with several rounding policies) pow2.png for one base-step
+  method; seeds of one arm are drawn as their mean with a ±1 std band or whiskers (`_groups`)."""
   from matplotlib import colormaps
   from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) stays as it is
 
   key, label, ylim = metric.key, metric.label, (0, metric.best)
   os.makedirs(out_dir, exist_ok=True)
-  checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+  groups = _groups(list(dict.fromkeys(r["checkpoint"] for r in rows)))
   targets = list(dict.fromkeys(r["target"] for r in rows))
   bits = sorted({r["bits"] for r in rows})
-  styles = ["-", "--", ":", "-."]
   colors = colormaps["viridis"]([i / max(len(bits) - 1, 1) for i in range(len(bits))])
   out = {}
 
   fig = Figure(figsize=(6.5 * len(targets), 4.6))
   axes = fig.subplots(1, len(targets), squeeze=False)
   for ax, target in zip(axes[0], targets):
-    for ci, ck in enumerate(checkpoints):
+    for gi, (name, cks) in enumerate(groups):
       for bi, b in enumerate(bits):
-        pts = sorted(_at(rows, checkpoint=ck, target=target, bits=b, policy="exact", method=method),
-                     key=lambda r: r["ratio"])
-        if pts:
-          ax.plot([r["ratio"] for r in pts], [r[key] for r in pts], styles[ci % 4], color=colors[bi],
-                  marker="o", ms=3, label=f"{ck}, {b} bits")
+        xs, ys, sd = _curve({ck: {r["ratio"]: r[key] for r in _at(rows, checkpoint=ck, target=target, bits=b,
+                                                                     policy="exact", method=method)} for ck in cks})
+        if xs:
+          _line(ax, xs, ys, sd, _STYLES[gi % 4], colors[bi], _MARKERS[gi % len(_MARKERS)], f"{name}, {b} bits")
     ax.axvline(1.0, color="grey", lw=0.6)
     ax.set(xlabel="step ratio Δ / Δ̃", ylabel=label, title=f"quantized: {_TARGET_NAMES[target]}",
            ylim=ylim)
     ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=7, ncol=len(checkpoints), loc="lower center")
+  _legend(axes[0][-1], len(groups) * len(bits))
   fig.suptitle(f"{title} (base step: {method})" if title
                else f"{metric.title} vs step-size error (base step: {method})")
   fig.tight_layout()
   out["ratio"] = os.path.join(out_dir, "accuracy_vs_ratio.png")
-  fig.savefig(out["ratio"], dpi=110)
+  fig.savefig(out["ratio"], dpi=110, bbox_inches="tight")
 
   fig = Figure(figsize=(6.5, 4.6))
   ax = fig.subplots()
-  for ci, ck in enumerate(checkpoints):
+  for gi, (name, cks) in enumerate(groups):
     for ti, target in enumerate(targets):
-      pts = []
-      for b in bits:
-        exact = _at(rows, checkpoint=ck, target=target, bits=b, policy="exact", method=method)
-        if exact:
-          pts.append((b, min(exact, key=lambda r: abs(r["ratio"] - 1.0))[key]))
-      ax.plot(*zip(*pts), styles[ci % 4], marker="os^v"[ti % 4], label=f"{ck}, {target}")
+      xs, ys, sd = _curve({ck: {b: r[key] for b in bits if (r := _base(rows, checkpoint=ck, target=target, bits=b,
+                                                                       policy="exact", method=method))}
+                           for ck in cks})
+      if xs:
+        _line(ax, xs, ys, sd, _STYLES[ti % 4], f"C{gi % 10}", _MARKERS[ti % len(_MARKERS)], f"{name}, {target}")
   ax.set(xlabel="bits", ylabel=label, title=f"{metric.title} vs bit-width at the base step", ylim=ylim,
          xticks=bits)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  _legend(ax, len(groups) * len(targets))
   fig.tight_layout()
   out["bits"] = os.path.join(out_dir, "accuracy_vs_bits.png")
-  fig.savefig(out["bits"], dpi=110)
+  fig.savefig(out["bits"], dpi=110, bbox_inches="tight")
 
   policies = list(dict.fromkeys(r["policy"] for r in rows))
   if len(policies) > 1:
     fig = Figure(figsize=(6.5 * len(targets), 4.6))
     axes = fig.subplots(1, len(targets), squeeze=False)
-    width = 0.8 / (len(checkpoints) * len(policies))
+    n = len(groups) * len(policies)
+    width = 0.8 / n
     for ax, target in zip(axes[0], targets):
       k = 0
-      for ck in checkpoints:
+      for name, cks in groups:
         for pol in policies:
-          vals = []
-          for b in bits:
-            pts = _at(rows, checkpoint=ck, target=target, bits=b, policy=pol, method=method)
-            vals.append(min(pts, key=lambda r: abs(r["ratio"] - 1.0))[key] if pts else 0.0)
-          ax.bar([i + (k - (len(checkpoints) * len(policies) - 1) / 2) * width for i in range(len(bits))], vals,
-                 width, label=f"{ck}, {pol}")
+          xs, ys, sd = _curve({ck: {i: r[key] for i, b in enumerate(bits)
+                                    if (r := _base(rows, checkpoint=ck, target=target, bits=b, policy=pol,
+                                                   method=method))} for ck in cks})
+          ax.bar([x + (k - (n - 1) / 2) * width for x in xs], ys, width, yerr=sd if any(sd) else None, capsize=2,
+                 label=f"{name}, {pol}")
           k += 1
       ax.set(xticks=range(len(bits)), xticklabels=[f"{b} bits" for b in bits], ylabel=label, ylim=ylim,
              title=f"Exact vs power-of-two step ({_TARGET_NAMES[target]})")
       ax.grid(alpha=0.3, axis="y")
-    axes[0][-1].legend(fontsize=7)
+    _legend(axes[0][-1], n, beside=True)
     fig.tight_layout()
     out["pow2"] = os.path.join(out_dir, "pow2.png")
-    fig.savefig(out["pow2"], dpi=110)
+    fig.savefig(out["pow2"], dpi=110, bbox_inches="tight")
   return out

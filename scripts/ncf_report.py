@@ -14,7 +14,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -22,21 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kure_jax.metrics import read_metrics  # noqa: E402
+from kure_jax.report import arm_of, mean_std  # noqa: E402
 
 ARMS = {"baseline": "baseline", "act": "KURE on activations", "both": "KURE on weights + activations"}
 # The rebuttal's NCF on MovieLens-20M (MLPerf NCF, HR@10 over 999 negatives), PTQ of the activations, in %:
 # {bits: (baseline, KURE)}. A different dataset and candidate count: compare the gaps, not the levels.
 REBUTTAL = {4: (62.09, 63.07), 3: (59.03, 62.35), 2: (36.46, 56.06)}
 TARGET_NAMES = {"activations": "activations only", "both": "weights + activations", "weights": "weights only"}
-
-
-def arm_of(label: str) -> str:
-  m = re.fullmatch(r"(.+)_s\d+", label)
-  return m.group(1) if m else label
-
-
-def mean_std(values: list[float]) -> tuple[float, float, int]:
-  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
 def fmt(ms: tuple[float, float, int] | None) -> str:

@@ -151,7 +151,7 @@ def test_cli(trained, tmp_path):
           "--config.eval.policies=('exact',)"]
   r = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "HR@10 W4 Δ̃ / worst / pow2" in r.stdout and "| ncf | weights | mse |" in r.stdout
+  assert "HR@10 4 bits Δ̃ / worst / pow2" in r.stdout and "| ncf | weights | mse |" in r.stdout
   assert (tmp_path / "o" / "accuracy_vs_bits.png").stat().st_size > 10_000
   bad = subprocess.run(args + ["--config.eval.preset=authors"], cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=300)
