@@ -17,13 +17,14 @@ import numpy as np
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
-from kure_jax import qat, report, sharding
+from kure_jax import lapq, qat, report, sharding
 from kure_jax import tasks as tasks_lib
+from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
 from kure_jax.folding import fold_batchnorm
-from kure_jax.robustness import Grid, Sweep
-from kure_jax.train import kure_selection
+from kure_jax.kurtosis import selection
+from kure_jax.robustness import Grid, Sweep, quantized_paths
 
 
 # The quantizer conventions of each `config.eval.preset`: a field left unset in config.eval takes its preset's value.
@@ -83,18 +84,6 @@ def grid_from_config(config: ml_collections.ConfigDict) -> Grid:
   return grid
 
 
-def calibration_sample(ds: data_lib.Dataset, n: int, seed: int) -> dict[str, np.ndarray]:
-  """`n` examples drawn at random (by `seed`) from `ds`'s split, eval preprocessing, as one labelled batch.
-
-  Not the first `n`: folder datasets are sorted by class, so a prefix would be one class.
-  """
-  from kure_jax.data import transforms
-
-  idx = np.sort(transforms.epoch_permutation(seed, 0, ds.num_examples)[:n]).astype(np.int64)
-  parts = [ds._batcher.make(idx[i:i + 256], np.ones(len(idx[i:i + 256]), bool), None) for i in range(0, len(idx), 256)]
-  return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "mask")}
-
-
 def task_of(config: ml_collections.ConfigDict) -> tasks_lib.Task:
   """``config.task``'s Task, checked against config.model (one readable line)."""
   name = config.get("task", "classification")
@@ -152,7 +141,7 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   if inner and config.model not in models_lib.MODELS:  # an image model's convs; NeuMF has dense layers only
     raise UserError(f"config.eval.layers 'inner_convs' quantizes every conv but the first and last, but "
                     f"{config.model} has no such convs; use --config.eval.layers=kure.")
-  layers = {"paths": models_lib.inner_convs(model, abstract, (size, size, 3))} if inner else kure_selection(config)
+  layers = {"paths": models_lib.inner_convs(model, abstract, (size, size, 3))} if inner else selection(config.kure)
   expected = {"model": config.model, "num_classes": int(config.dataset.num_classes),
               "param_shapes": param_shapes(abstract["params"])}
   loaded = []
@@ -174,12 +163,6 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   lapq_log: dict[str, dict[int, dict[str, Any]]] = {}
   for label, (variables, qat_meta) in zip(labels, loaded):
     calibration = None
-    lapq_kw = {}
-    if "lapq" in grid.methods:  # LAPQ runs inside Sweep, once per bit-width, before the compiled sweep
-      lapq_kw = dict(lapq_calibration=calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
-                     lapq_options={"iterations": int(config.eval.lapq_iterations),
-                                   "max_evals": config.eval.get("lapq_max_evals"),
-                                   "progress": progress and jax.process_index() == 0})
     if needs_acts and task.calibrate_on_train_batches:  # ranking: train batches (positives and sampled negatives)
       calibration = [calib_ds.get_batch(i) for i in range(int(config.eval.calibration_batches))]
     elif needs_acts:  # a random sample of the train split, not its first (one-class) batches
@@ -188,8 +171,16 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
       calibration = [sample[i:i + bs] for i in range(0, len(sample), bs)]
     if config.eval.get("fold_bn", False):  # quantize what an accelerator would: W·γ/√(σ²+ε)
       variables = fold_batchnorm(model, variables, (size, size, 3))
+    lapq_results = {}
+    if "lapq" in grid.methods:  # LAPQ's search, once per bit-width, on what the sweep scores
+      lapq_results = lapq.grid_steps(
+          model, variables, grid, quantized_paths(variables["params"], qat=qat_meta, **layers),
+          calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
+          options={"iterations": int(config.eval.lapq_iterations), "max_evals": config.eval.get("lapq_max_evals"),
+                   "progress": progress and jax.process_index() == 0},
+          dorefa=bool(qat_meta) and qat_meta["method"] == "dorefa")
     sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, qat=qat_meta,
-                  task=task, **layers, **lapq_kw)
+                  task=task, lapq_steps={b: r.steps for b, r in lapq_results.items()} or None, **layers)
     batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())
     bar = None
     if progress and jax.process_index() == 0:
@@ -197,10 +188,10 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
       bar = lambda it: tqdm(it, total=eval_ds.steps_per_epoch, desc=f"{label}: {len(sweep.points)} settings", leave=False)
     for r in sweep.score(batches, progress=bar):
       rows.append({"checkpoint": label, **r})
-    if sweep.lapq_results:
+    if lapq_results:
       lapq_log[label] = {b: {"p_star": r.p_star, "p_losses": r.p_losses, "init_loss": r.init_loss, "loss": r.loss,
                              "evaluations": r.evaluations, "seconds": round(r.seconds, 1)}
-                         for b, r in sweep.lapq_results.items()}
+                         for b, r in lapq_results.items()}
 
   if jax.process_index() == 0:
     meta = {"model": config.model, "dataset": config.dataset.name, "task": task.name, "metric": task.metric.key,

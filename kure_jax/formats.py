@@ -263,14 +263,14 @@ def _fake_quantize(x32: jax.Array, scale, ratio, sp: FormatSpec, axis: int, bloc
   """Unchecked fake quantization of float32 `x32` (scale None: max scaling); compiled once per shape."""
   if scale is None:
     scale = _default_scale(x32, sp)
-  scale = quant._f32(scale)
-  ratio = quant._f32(ratio)
+  scale = quant.at_least_f32(scale)
+  ratio = quant.at_least_f32(ratio)
   if sp.block_size is not None:
     return _block_quantize(x32, sp, scale, ratio, axis, block or sp.block_size)
   step = scale * ratio
   v = x32 * (1.0 / step)
   if sp.kind == "int":  # kure_jax.quant's signed grid at step 1: round half to even, clip, STE
-    return quant._quantize(v, jnp.float32(1.0), sp.bits, "signed") * step
+    return quant.quantize_traced(v, jnp.float32(1.0), sp.bits, "signed") * step
   return _ste_round(v, sp.largest, sp.element) * step
 
 
@@ -347,7 +347,7 @@ def fake_quantize(x: jax.Array, fmt: str, scale: jax.Array | float | None = None
       raise ValueError(f"{fn}: `block_size` must be a positive integer, got {block_size!r}.")
   _check_array_arg(fn, "scale", scale, x.shape)
   _check_array_arg(fn, "ratio", ratio, x.shape)
-  out = _fake_quantize(quant._f32(x).astype(jnp.float32), scale, ratio, sp, axis, block_size)
+  out = _fake_quantize(quant.at_least_f32(x).astype(jnp.float32), scale, ratio, sp, axis, block_size)
   return out.astype(x.dtype)
 
 
@@ -373,9 +373,9 @@ def fake_quantize_by_index(x: jax.Array, index: jax.Array | int, scale: jax.Arra
     raise ValueError(f"{fn}: `index` must be one integer in 0…{len(formats) - 1} (into `formats`), got {index!r}.")
   _check_array_arg(fn, "scale", scale, x.shape)
   _check_array_arg(fn, "ratio", ratio, x.shape)
-  x32 = quant._f32(x).astype(jnp.float32)
-  scale = None if scale is None else quant._f32(scale)
-  out = _by_index(x32, jnp.asarray(index, jnp.int32), scale, quant._f32(ratio), formats=formats, axis=axis)
+  x32 = quant.at_least_f32(x).astype(jnp.float32)
+  scale = None if scale is None else quant.at_least_f32(scale)
+  out = _by_index(x32, jnp.asarray(index, jnp.int32), scale, quant.at_least_f32(ratio), formats=formats, axis=axis)
   return out.astype(x.dtype)
 
 
@@ -404,7 +404,7 @@ def max_scale(x: jax.Array, fmt: str, *, channel_axis: int | None = None) -> jax
   x = _check_x(fn, x)
   if channel_axis is not None:
     channel_axis = _check_axis(fn, channel_axis, x.ndim)
-  return _default_scale(quant._f32(x).astype(jnp.float32), SPECS[fmt], channel_axis)
+  return _default_scale(quant.at_least_f32(x).astype(jnp.float32), SPECS[fmt], channel_axis)
 
 
 def max_scales(x: jax.Array, formats: Sequence[str] = FORMATS, *, channel_axis: int | None = None) -> jax.Array:
@@ -426,8 +426,8 @@ def block_scales(x: jax.Array, fmt: str, scale: jax.Array | float | None = None,
   x = _check_x(fn, x)
   axis = _check_axis(fn, axis, x.ndim)
   _check_array_arg(fn, "scale", scale, x.shape)
-  x32 = quant._f32(x).astype(jnp.float32)
-  y = x32 * (1.0 / (_default_scale(x32, sp) if scale is None else quant._f32(scale)))
+  x32 = quant.at_least_f32(x).astype(jnp.float32)
+  y = x32 * (1.0 / (_default_scale(x32, sp) if scale is None else quant.at_least_f32(scale)))
   yb, _ = _to_blocks(y, axis, block_size or sp.block_size)
   s = _block_scales(jnp.max(jnp.abs(yb), axis=-1), sp)
   return jnp.moveaxis(s, -1, axis)

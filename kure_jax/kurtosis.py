@@ -144,6 +144,14 @@ def _patterns(value: Pattern) -> tuple[str, ...]:
   return tuple(value)
 
 
+def selection(section: Any) -> dict[str, Any]:
+  """`select_kernels`' keywords from a config section holding include, exclude, skip_stem and skip_head: the
+  one reading of ``config.kure`` (KURE's layers, which the sweep quantizes) and ``config.quant`` (QAT's)."""
+  get = section.get if hasattr(section, "get") else lambda k, d=None: getattr(section, k, d)
+  return {"include": get("include") or None, "exclude": get("exclude") or None,
+          "skip_stem": bool(get("skip_stem", True)), "skip_head": bool(get("skip_head", True))}
+
+
 def select_kernels(params: Any, *, include: Pattern = None, exclude: Pattern = None,
                    skip_stem: bool = True, skip_head: bool = True) -> dict[str, jax.Array]:
   """The kernels KURE (and, by default, the quantizers) act on, as {path: kernel}.

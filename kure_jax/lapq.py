@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import quant as Q
+from kure_jax.calibration import act_grid, record_activations
 from kure_jax.errors import UserError
 from kure_jax.models.layers import BIAS_CORRECTIONS, quant_collection
+from kure_jax.tasks import classification_sums
 
 DEFAULT_PS = (2.0, 2.5, 3.0)
 _LOG_CLIP = 80.0  # log-steps are clipped here so a wild Powell bracket cannot overflow to inf
@@ -107,8 +109,6 @@ class Lapq:
                quantize_weights: bool = True, quantize_acts: bool = False, granularity: str = "tensor",
                weight_grid: str = "signed", act_grids: Mapping[str, str] | None = None, dorefa: bool = False,
                bias_correction: str = "none", chunk_size: int = 128, max_act_values: int = 1 << 16):
-    from kure_jax.robustness import record_activations  # robustness imports this module
-
     if not (quantize_weights or quantize_acts):
       raise UserError("LAPQ: nothing to quantize; quantize the weights, the activations or both.")
     if granularity not in ("tensor", "channel"):
@@ -139,7 +139,7 @@ class Lapq:
         recording = dict(self.variables, quant=quant_collection(None, {p: {"w_tanh": jnp.asarray(True)}
                                                                       for p in self.paths}))
       self.acts = record_activations(model, recording, list(self.data["image"]), self.paths, max_act_values)
-      self.act_grids = {p: (act_grids or {}).get(p) or ("unsigned" if v.min() >= 0 else "signed")
+      self.act_grids = {p: (act_grids or {}).get(p) or act_grid(v)
                         for p, v in self.acts.items()}
     self.objective = jax.jit(self._loss)  # the one compiled function (count: self.objective._cache_size())
 
@@ -147,7 +147,6 @@ class Lapq:
 
   def _loss(self, variables: dict, data: dict, x: jax.Array, profiles: dict, bits: jax.Array) -> jax.Array:
     """Mean calibration cross-entropy with weight steps profile·e^x[i] and activation steps e^x[n+i]."""
-    from kure_jax.train import classification_sums
 
     steps = jnp.exp(jnp.clip(x, -_LOG_CLIP, _LOG_CLIP))
     n = len(self.paths)
@@ -270,3 +269,32 @@ def lapq(model, variables: dict, calibration: Mapping | Iterable[Mapping], paths
   run_keys = {"ps", "iterations", "max_evals", "progress", "desc"}
   run_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in run_keys}
   return Lapq(model, variables, calibration, paths, **kwargs).run(bits, **run_kw)
+
+
+GRID_OPTIONS = ("ps", "iterations", "max_evals", "progress", "chunk_size")
+
+
+def grid_steps(model, variables: dict, grid, paths: Sequence[str], calibration: Mapping | Iterable[Mapping], *,
+               options: Mapping[str, Any] | None = None, dorefa: bool = False) -> dict[int, LapqResult]:
+  """LAPQ at every bit-width of a robustness grid (`kure_jax.robustness.Grid`), run before the sweep:
+  ``Sweep(..., lapq_steps={b: r.steps for b, r in results.items()})`` then sweeps them over ratios and policies.
+
+  One run per bit-width serves every target of the grid: it searches the weight steps if any target quantizes
+  weights and the activation steps if any quantizes activations (the widest target). The grid's granularity,
+  weight grid (DoReFa's sliding grid picks on its midrise levels) and bias correction hold while searching; each
+  activation's grid follows its recorded input (`calibration.act_grid`), as in the sweep. `options`: `Lapq.run`'s
+  ps, iterations, max_evals, progress, and chunk_size (images per forward pass).
+  """
+  options = dict(options or {})
+  unknown = set(options) - set(GRID_OPTIONS)
+  if unknown:
+    raise UserError(f"LAPQ options: unknown {', '.join(sorted(unknown))}; use {', '.join(GRID_OPTIONS)}.")
+  quantize_w = any(t in ("weights", "both") for t in grid.targets)
+  quantize_a = any(t in ("activations", "both") for t in grid.targets)
+  chunk_size = options.pop("chunk_size", 128)
+  runner = Lapq(model, variables, calibration, paths, quantize_weights=quantize_w, quantize_acts=quantize_a,
+                granularity=grid.granularity,
+                weight_grid="midrise" if grid.weight_grid == "sliding" else grid.weight_grid, dorefa=dorefa,
+                bias_correction=grid.bias_correction, chunk_size=chunk_size)
+  target = "W{b}/A{b}" if quantize_w and quantize_a else ("A{b}" if quantize_a else "W{b}")
+  return {int(b): runner.run(int(b), desc="LAPQ " + target.format(b=b), **options) for b in grid.bits}

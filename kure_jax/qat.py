@@ -32,8 +32,10 @@ import ml_collections
 import numpy as np
 
 from kure_jax import quant as Q
+from kure_jax.calibration import act_grid
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import select_kernels
+from kure_jax.kurtosis import selection as kurtosis_selection
 from kure_jax.models.layers import INTERMEDIATES, quant_collection
 
 METHODS = ("none", "dorefa", "lsq")
@@ -92,10 +94,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def selection(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The layers QAT quantizes: `select_kernels` keywords from ``config.quant`` (stem and head float)."""
-  q = config.quant
-  return {"include": q.get("include") or None, "exclude": q.get("exclude") or None,
-          "skip_stem": q.skip_stem, "skip_head": q.skip_head}
+  """The layers QAT quantizes: `select_kernels` keywords from ``config.quant`` (`kurtosis.selection`)."""
+  return kurtosis_selection(config.quant)
 
 
 def make_spec(config: ml_collections.ConfigDict, model, variables: dict, images: np.ndarray) -> QatSpec:
@@ -103,7 +103,7 @@ def make_spec(config: ml_collections.ConfigDict, model, variables: dict, images:
   params = variables["params"]
   paths = tuple(select_kernels(params, **selection(config)))
   inputs = layer_inputs(model, variables, images, paths)
-  act_grids = {p: "unsigned" if float(jnp.min(x)) >= 0 else "signed" for p, x in inputs.items()}
+  act_grids = {p: act_grid(x) for p, x in inputs.items()}
   kernels = select_kernels(params, include=None, exclude=None, skip_stem=False, skip_head=False)
   return QatSpec(method=config.quant.method, w_bits=int(config.quant.w_bits), a_bits=int(config.quant.a_bits),
                  paths=paths, act_grids=act_grids, w_counts={p: int(kernels[p].size) for p in paths},

@@ -56,9 +56,13 @@ ACIQ_DISTS = ("gauss", "laplace")
 _TINY = float(np.finfo(np.float32).tiny)
 
 
-def _f32(x) -> jax.Array:
+def at_least_f32(x) -> jax.Array:
+  """x as an array of float32 or wider (bfloat16/float16 inputs are computed in float32)."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+_f32 = at_least_f32
 
 
 def levels(bits: jax.Array | int, grid: str = "signed") -> tuple[jax.Array, jax.Array]:
@@ -116,6 +120,12 @@ def _quantize(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -> jax.
   ste = v + jax.lax.stop_gradient(_round(v, grid) - v)  # value round(v), gradient 1
   q = jnp.where(v < qmin, qmin, jnp.where(v > qmax, qmax, ste))
   return q * step
+
+
+def quantize_traced(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -> jax.Array:
+  """`quantize` without its value checks, for callers whose bits and steps are traced (the models' hook):
+  `step` already broadcastable to x, bits ≥ 1; computed in float32 (or wider), returned in x's dtype."""
+  return _quantize(_f32(x), step, bits, grid).astype(jnp.asarray(x).dtype)
 
 
 def quantize(x: jax.Array, step: jax.Array | float, bits: jax.Array | int, grid: str = "signed", *,
@@ -321,9 +331,22 @@ def pow2_step(step: jax.Array, mode: str = "nearest") -> jax.Array:
   return 2.0 ** jax.lax.stop_gradient(r)
 
 
+def aciq_gauss_step(x: jax.Array, bits: jax.Array | int, grid: str = "signed", *,
+                    axis: int | None = None) -> jax.Array:
+  """`aciq_step` with ACIQ's Gaussian clipping."""
+  return aciq_step(x, bits, "gauss", grid, axis=axis)
+
+
+def aciq_laplace_step(x: jax.Array, bits: jax.Array | int, grid: str = "signed", *,
+                      axis: int | None = None) -> jax.Array:
+  """`aciq_step` with ACIQ's Laplace clipping."""
+  return aciq_step(x, bits, "laplace", grid, axis=axis)
+
+
+# Every base-step method by name, all with one signature: (x, bits, grid="signed", *, axis=None).
 STEP_METHODS: dict[str, Callable[..., jax.Array]] = {
     "max": max_step,
     "mse": mse_step,
-    "aciq_gauss": functools.partial(aciq_step, dist="gauss"),
-    "aciq_laplace": functools.partial(aciq_step, dist="laplace"),
+    "aciq_gauss": aciq_gauss_step,
+    "aciq_laplace": aciq_laplace_step,
 }

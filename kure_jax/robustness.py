@@ -5,7 +5,8 @@ methods × what is quantized (weights, activations, both). Every point becomes a
 ``"quant"`` collection for the models' quantization hook (see `kure_jax.models.layers`),
 built *inside* the compiled function from arrays: the base steps Δ̃ of every layer are
 computed there for every bit-width (bits are traced), and one `jit` compilation scores
-every grid point on every batch, each batch read once. Which layers are quantized
+every grid point on every batch, each batch read once; every checkpoint of the same architecture
+on the same grid shares that compilation (`_Plan`). Which layers are quantized
 follows KURE's default (stem and classifier stay in float) and is configurable.
 
 Inside the compiled function the points run one after another (`lax.map`), `chunk`
@@ -15,9 +16,9 @@ pass, while `vmap` over points turns every conv into a grouped conv with a batch
 kernels, which XLA:CPU runs 8× slower. On GPU/TPU a larger chunk may pay; measure.
 
 Base-step method "lapq" (loss-aware PTQ, `kure_jax.lapq`) is not a function of one layer's
-tensor: its steps come from a Powell search over the whole model's calibration loss, run on
-the host before the compiled sweep, once per bit-width of the grid, and enter the compiled
-function as a precomputed table (so LAPQ steps are swept over ratios and policies like any
+tensor: its steps come from a Powell search over the whole model's calibration loss, run
+before the sweep (`kure_jax.lapq.grid_steps`), once per bit-width of the grid, and enter the
+compiled function as a precomputed table (``Sweep(..., lapq_steps=...)``; so LAPQ steps are swept over ratios and policies like any
 other Δ̃). One LAPQ run serves every target of the grid: it quantizes the weights if any target
 quantizes weights and the activations if any target quantizes activations (the widest target),
 so in a grid with 'weights' and 'both' the weight-only points use the weight steps LAPQ found
@@ -33,6 +34,7 @@ step tables and the single compilation are the same for every task.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -42,12 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import formats as formats_lib
-from kure_jax import lapq as lapq_lib
+from kure_jax.calibration import act_grid, record_activations
 from kure_jax import qat as qat_lib
 from kure_jax import quant as Q
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import select_kernels
-from kure_jax.models.layers import BIAS_CORRECTIONS, INTERMEDIATES, quant_collection
+from kure_jax.models.layers import BIAS_CORRECTIONS, quant_collection
 from kure_jax.tasks import CLASSIFICATION, Task
 
 POLICIES = ("exact", "pow2_nearest", "pow2_floor", "pow2_ceil")
@@ -119,11 +121,13 @@ class Grid:
     return ints + fmts
 
 
+_POW2 = {"pow2_nearest": jnp.round, "pow2_floor": jnp.floor, "pow2_ceil": jnp.ceil}
+
+
 def _apply_policy(step: jax.Array, policy_id: jax.Array) -> jax.Array:
-  """Δ, or Δ forced to a power of two (nearest in log2, floor, ceil), by a traced id."""
+  """Δ, or Δ forced to a power of two (nearest in log2, floor, ceil), by a traced index into `POLICIES`."""
   e = jnp.log2(step)
-  return jnp.select([policy_id == 1, policy_id == 2, policy_id == 3],
-                    [2.0 ** jnp.round(e), 2.0 ** jnp.floor(e), 2.0 ** jnp.ceil(e)], step)
+  return jnp.select([policy_id == POLICIES.index(p) for p in _POW2], [2.0 ** f(e) for f in _POW2.values()], step)
 
 
 def _leaf(tree: dict, path: str) -> jax.Array:
@@ -136,29 +140,120 @@ def _method_fn(method: str) -> Callable[..., jax.Array]:
   return Q.STEP_METHODS[method]
 
 
-def record_activations(model, variables: dict, images: Iterable[np.ndarray | tuple], paths: Sequence[str],
-                       max_values: int = 1 << 16, seed: int = 0) -> dict[str, np.ndarray]:
-  """A sample of each selected layer's input over calibration images (recorded once).
+def quantized_paths(params: dict, *, qat: dict[str, Any] | None = None, paths: Sequence[str] | None = None,
+                    include=None, exclude=None, skip_stem: bool = True, skip_head: bool = True) -> list[str]:
+  """The kernels a sweep quantizes: a QAT checkpoint's own, else `paths`, else `select_kernels`' choice."""
+  if qat:
+    return list(qat["paths"])
+  if paths is not None:
+    return list(paths)
+  return list(select_kernels(params, include=include, exclude=exclude, skip_stem=skip_stem, skip_head=skip_head))
 
-  Each element of `images` is one batch of the model's input (an image array), or a tuple of its positional
-  inputs (e.g. NeuMF's (user, item) ids). `variables` may hold a 'quant' collection (e.g. DoReFa's weight
-  normalization).
-  """
-  fn = jax.jit(lambda v, *x: model.apply(v, *x, mutable=[INTERMEDIATES])[1][INTERMEDIATES])
-  chunks: dict[str, list[np.ndarray]] = {p: [] for p in paths}
-  for x in images:
-    inter = jax.device_get(fn(variables, *(x if isinstance(x, tuple) else (x,))))
-    for p in paths:
-      node = inter
-      for part in p.split("/")[:-1]:
-        node = node[part]
-      chunks[p].append(np.asarray(node["input"][0]).reshape(-1))
-  rng = np.random.default_rng(seed)
-  out = {}
-  for p, parts in chunks.items():
-    v = np.concatenate(parts)
-    out[p] = v if v.size <= max_values else rng.choice(v, max_values, replace=False)
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What the compiled scorer is specialized on: hashable and compared by value, so every `Sweep` of one
+  architecture, grid, layer selection and task shares one plan and its compiled functions (`_compiled`);
+  weights, activation samples, step tables and the grid's arrays are data."""
+
+  model: Any
+  task: Task
+  grid: Grid
+  paths: tuple[str, ...]
+  act_grids: tuple[tuple[str, str], ...]  # (path, 'signed' | 'unsigned') of each recorded activation
+  dorefa: bool
+  qat_bits: tuple[int, int] | None        # a QAT checkpoint's trained (weight, activation) bits
+  chunk: int
+
+  @property
+  def pick_grid(self) -> str:
+    """The grid steps are picked on: the sliding grid has DoReFa's midrise levels at ratio 1, no range of its own."""
+    return "midrise" if self.grid.weight_grid == "sliding" else self.grid.weight_grid
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(plan: _Plan):
+  """(base steps, batch sums) of `plan`, jit-compiled: one compilation per plan and input shapes, however many
+  checkpoints are scored."""
+  return jax.jit(functools.partial(_compute_base_steps, plan)), jax.jit(functools.partial(_batch_sums, plan))
+
+
+def _transform_collection(paths: Sequence[str]) -> dict:
+  """The quant entries every point carries: DoReFa's tanh normalization of the weights."""
+  return quant_collection(None, {p: {"w_tanh": jnp.asarray(True)} for p in paths})
+
+
+def _compute_base_steps(plan: _Plan, params: dict, acts: dict, bits: jax.Array, lapq: dict, learned: dict) -> dict:
+  """{'w'|'a': {path: steps[method, bits, (C)]}}: Δ̃ for every layer, method and bit-width."""
+  grid = plan.grid
+  act_grids = dict(plan.act_grids)
+  kernels = {p: _leaf(params, p) for p in plan.paths}
+  if plan.dorefa:  # the weights DoReFa quantizes are the normalized ones
+    kernels = {p: Q.tanh_normalize(k) for p, k in kernels.items()}
+  axis = -1 if grid.granularity == "channel" else None
+
+  def weight_steps(p, k, m):
+    if m == "learned":
+      s = qat_lib.rescale_step(learned[p]["w"], plan.qat_bits[0], bits)
+      return s[:, None] * jnp.ones(k.shape[-1]) if axis is not None else s
+    if m == "lapq":
+      return lapq["w"][p]
+    return jax.vmap(lambda b: _method_fn(m)(k, b, plan.pick_grid, axis=axis))(bits)
+
+  def act_steps(p, v, m):
+    if m == "learned":
+      return qat_lib.rescale_step(learned[p]["a"], plan.qat_bits[1], bits)
+    if m == "lapq":
+      return lapq["a"][p]
+    return jax.vmap(lambda b: _method_fn(m)(v, b, act_grids[p]))(bits)
+
+  w = {p: jnp.stack([weight_steps(p, k, m) for m in grid.methods]) for p, k in kernels.items()}
+  a = {p: jnp.stack([act_steps(p, v, m) for m in grid.methods]) for p, v in acts.items()}
+  out = {"w": w, "a": a}
+  if grid.formats:  # each format's max scaling: (n_formats,) per tensor or (n_formats, 1, …, C) per channel
+    fs = grid.formats
+    out["wf"] = {p: formats_lib.max_scales(k, fs, channel_axis=-1 if axis is not None else None)
+                 for p, k in kernels.items()}
+    out["af"] = {p: formats_lib.max_scales(v, fs) for p, v in acts.items()}
   return out
+
+
+def _quant_for_point(plan: _Plan, base: dict, pt: dict) -> dict:
+  """One grid point's "quant" collection, from the base-step tables and the point's (traced) settings."""
+  grid = plan.grid
+  layers = {}
+  sliding = grid.dorefa_mode == "sliding"  # the authors' DoReFa perturbation: DoReFa's scale × ratio
+  for p in plan.paths:
+    w_base = base["w"][p][pt["method"], pt["bit_idx"]]
+    w_step = _apply_policy(w_base / pt["ratio"] if sliding else w_base * pt["ratio"], pt["policy"])
+    entry = {"w_bits": jnp.where(pt["w_on"], pt["bits"], 0), "w_step": w_step}
+    if plan.dorefa:
+      entry["w_tanh"] = jnp.asarray(True)
+    if grid.bias_correction != "none":
+      entry["w_bias_corr"] = jnp.asarray(BIAS_CORRECTIONS.index(grid.bias_correction))
+    if grid.formats:  # the number-format path of the hook (fmt −1: the integer grid above)
+      entry.update(w_fmt=jnp.where(pt["w_on"], pt["fmt"], -1),
+                   w_scale=_apply_policy(base["wf"][p][pt["fmt_idx"]], pt["policy"]), w_ratio=pt["ratio"])
+    if p in base["a"]:
+      a_ratio = 1.0 if sliding else pt["ratio"]  # sliding perturbs the weights only
+      a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * a_ratio, pt["policy"])
+      entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
+      if grid.formats:
+        entry.update(a_fmt=jnp.where(pt["a_on"], pt["fmt"], -1),
+                     a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"])
+    layers[p] = entry
+  return quant_collection(None, layers)
+
+
+def _batch_sums(plan: _Plan, variables: dict, base: dict, arrays: dict, batch: dict) -> dict:
+  """The task's sums of one batch at every grid point (lax.map over points, `chunk` at a time)."""
+  inputs = plan.task.inputs(batch)
+
+  def one(pt):
+    logits = plan.model.apply({**variables, "quant": _quant_for_point(plan, base, pt)}, *inputs)
+    return plan.task.eval_sums(logits.astype(jnp.float32), batch)
+
+  return jax.lax.map(one, arrays, batch_size=plan.chunk)
 
 
 class Sweep:
@@ -178,49 +273,37 @@ class Sweep:
   and the base-step method "learned" rescales its trained steps to each bit-width
   (Δ_k = Δ_b·(2^b − 1)/(2^k − 1)), beside re-optimized ones ("mse", ...).
 
-  Method "lapq" runs LAPQ (`kure_jax.lapq`) here, once per bit-width of the grid, on
-  `lapq_calibration` (labelled batches, e.g. 512 train images) with `lapq_options` (keyword
-  arguments of `Lapq.run`: iterations, ps, max_evals, progress); `lapq_steps` gives
-  precomputed steps instead, {bits: {kernel path: {"w": step, "a": step or None}}} (a bit-width
-  missing there is computed). The results are kept in `lapq_results` ({bits: LapqResult}).
+  Method "lapq" takes LAPQ's steps, computed beforehand (`kure_jax.lapq.grid_steps`, a minutes-long
+  search that has no place in a constructor), as `lapq_steps`: {bits: {kernel path: {"w": step,
+  "a": step or None}}} for every bit-width of the grid.
   """
 
   def __init__(self, model, variables: dict, grid: Grid, *, calibration: Iterable[np.ndarray] | None = None,
                include=None, exclude=None, skip_stem: bool = True, skip_head: bool = True,
                paths: Sequence[str] | None = None, chunk: int = 1, qat: dict[str, Any] | None = None,
-               lapq_calibration: Mapping | Iterable[Mapping] | None = None,
                lapq_steps: Mapping[int, Mapping[str, Mapping[str, Any]]] | None = None,
-               lapq_options: Mapping[str, Any] | None = None, task: Task = CLASSIFICATION):
+               task: Task = CLASSIFICATION):
     self.grid = grid.validate()
     self.task = task
     self.model = model
     self.variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     self.qat = qat
     self.dorefa = bool(qat) and qat["method"] == "dorefa"
-    # the grid steps are picked on: the sliding grid has DoReFa's midrise levels at ratio 1 and no range of its own
-    self._pick_grid = "midrise" if grid.weight_grid == "sliding" else grid.weight_grid
     if "learned" in grid.methods and not qat:
       raise UserError("grid.methods 'learned' needs a QAT checkpoint (trained with quant.method=dorefa or lsq).")
     if "lapq" in grid.methods:  # checked before anything compiles
       if not task.supports_lapq:
         raise UserError(f"grid.methods 'lapq' is not available for the {task.name!r} task: LAPQ's calibration loss "
                         "is the classification cross-entropy; use another method (mse, max, aciq_gauss, ...).")
-      if lapq_calibration is None and not set(grid.bits) <= {int(b) for b in (lapq_steps or {})}:
-        raise UserError("grid.methods 'lapq' needs labelled calibration data (lapq_calibration: batches with "
-                        "'image' and 'label', e.g. 512 train images) or precomputed lapq_steps for every bit-width.")
-      unknown = set(lapq_options or {}) - {"ps", "iterations", "max_evals", "progress", "chunk_size"}
-      if unknown:
-        raise UserError(f"lapq_options: unknown {', '.join(sorted(unknown))}; use ps, iterations, max_evals, "
-                        "progress, chunk_size.")
+      missing = sorted(set(grid.bits) - {int(b) for b in (lapq_steps or {})})
+      if missing:
+        raise UserError(f"grid.methods 'lapq' needs lapq_steps for every bit-width (missing: "
+                        f"{', '.join(map(str, missing))}): run kure_jax.lapq.grid_steps on labelled calibration data "
+                        "(e.g. 512 train images) first.")
     if grid.dorefa_mode == "sliding" and not self.dorefa:
       raise UserError("grid.dorefa_mode 'sliding' is the authors' DoReFa perturbation: it needs a DoReFa checkpoint.")
-    if qat:
-      self.paths = list(qat["paths"])
-    elif paths is not None:
-      self.paths = list(paths)
-    else:
-      self.paths = list(select_kernels(self.variables["params"], include=include, exclude=exclude,
-                                       skip_stem=skip_stem, skip_head=skip_head))
+    self.paths = quantized_paths(self.variables["params"], qat=qat, paths=paths, include=include, exclude=exclude,
+                                 skip_stem=skip_stem, skip_head=skip_head)
     self._learned = qat_lib.learned_steps(qat, variables.get("qsteps", {})) if qat else {}
     self.points = grid.points()
     needs_acts = any(t != "weights" for t in grid.targets)
@@ -229,10 +312,10 @@ class Sweep:
     if needs_acts and "learned" in grid.methods and any(v["a"] is None for v in self._learned.values()):
       raise UserError("grid.methods 'learned' with activations: this checkpoint learned no activation steps "
                       "(trained with quant.a_bits=0); use targets=('weights',) or another method.")
-    recording = dict(self.variables, quant=self._transform_collection()) if self.dorefa else self.variables
+    recording = dict(self.variables, quant=_transform_collection(self.paths)) if self.dorefa else self.variables
     inputs = ([task.inputs(b) if isinstance(b, Mapping) else b for b in calibration] if needs_acts else [])
     acts = record_activations(model, recording, inputs, self.paths) if needs_acts else {}
-    self.act_grids = {p: ("unsigned" if v.min() >= 0 else "signed") for p, v in acts.items()}
+    self.act_grids = {p: act_grid(v) for p, v in acts.items()}
     self._acts = {p: jnp.asarray(v) for p, v in acts.items()}
     bits = list(grid.bits) or [8]  # formats only: a placeholder bit-width for the (unused) integer step tables
     self._arrays = {
@@ -255,31 +338,16 @@ class Sweep:
     if chunk < 1:
       raise UserError(f"chunk must be ≥ 1 (grid points evaluated at once), got {chunk}.")
     self.chunk = min(chunk, len(self.points))
-    self.lapq_results: dict[int, lapq_lib.LapqResult] = {}
-    self._lapq = self._lapq_tables(lapq_calibration, lapq_steps, lapq_options) if "lapq" in grid.methods else {}
-    self._base_steps = jax.jit(self._compute_base_steps)
-    self._score_batch = jax.jit(self._batch_sums)
+    self._plan = _Plan(model=model, task=task, grid=self.grid, paths=tuple(self.paths),
+                       act_grids=tuple(sorted(self.act_grids.items())), dorefa=self.dorefa,
+                       qat_bits=(int(qat["w_bits"]), int(qat["a_bits"] or qat["w_bits"])) if qat else None,
+                       chunk=self.chunk)
+    self._base_steps, self._score_batch = _compiled(self._plan)  # shared by every sweep of this plan
+    self._lapq = self._lapq_tables(lapq_steps) if "lapq" in grid.methods else {}
 
-  def _lapq_tables(self, calibration, given, options) -> dict:
-    """LAPQ's steps for every bit-width as base-step tables {'w'|'a': {path: steps[bits, (C)]}}."""
-    targets = self.grid.targets
-    quantize_w = any(t in ("weights", "both") for t in targets)
-    quantize_a = any(t in ("activations", "both") for t in targets)
-    given = {int(b): v for b, v in (given or {}).items()}
-    missing = [b for b in self.grid.bits if b not in given]
-    options = dict(options or {})
-    chunk_size = options.pop("chunk_size", 128)
-    if missing:
-      runner = lapq_lib.Lapq(self.model, self.variables, calibration, self.paths, quantize_weights=quantize_w,
-                             quantize_acts=quantize_a, granularity=self.grid.granularity,
-                             weight_grid=self._pick_grid, act_grids=self.act_grids or None,
-                             dorefa=self.dorefa, bias_correction=self.grid.bias_correction, chunk_size=chunk_size)
-      self.lapq_runner = runner
-      target = "W{b}/A{b}" if quantize_w and quantize_a else ("A{b}" if quantize_a else "W{b}")
-      for b in missing:
-        res = runner.run(b, desc="LAPQ " + target.format(b=b), **options)
-        self.lapq_results[b] = res
-        given[b] = res.steps
+  def _lapq_tables(self, given) -> dict:
+    """The precomputed LAPQ steps of every bit-width as base-step tables {'w'|'a': {path: steps[bits, (C)]}}."""
+    given = {int(b): v for b, v in given.items()}
     w, a = {}, {}
     for p in self.paths:
       rows_w, rows_a = [], []
@@ -306,90 +374,23 @@ class Sweep:
         a[p] = jnp.asarray(np.stack(rows_a))
     return {"w": w, "a": a}
 
-  # -- inside the compiled functions ---------------------------------------------------
-
-  def _transform_collection(self) -> dict:
-    """The quant entries every point carries: DoReFa's tanh normalization of the weights."""
-    return quant_collection(None, {p: {"w_tanh": jnp.asarray(True)} for p in self.paths})
-
-  def _compute_base_steps(self, params: dict, acts: dict, bits: jax.Array, lapq: dict) -> dict:
-    """{'w'|'a': {path: steps[method, bits, (C)]}}: Δ̃ for every layer, method and bit-width."""
-    kernels = {p: _leaf(params, p) for p in self.paths}
-    if self.dorefa:  # the weights DoReFa quantizes are the normalized ones
-      kernels = {p: Q.tanh_normalize(k) for p, k in kernels.items()}
-    axis = -1 if self.grid.granularity == "channel" else None
-
-    def weight_steps(p, k, m):
-      if m == "learned":
-        s = qat_lib.rescale_step(self._learned[p]["w"], self.qat["w_bits"], bits)
-        return s[:, None] * jnp.ones(k.shape[-1]) if axis is not None else s
-      if m == "lapq":
-        return lapq["w"][p]
-      return jax.vmap(lambda b: _method_fn(m)(k, b, self._pick_grid, axis=axis))(bits)
-
-    def act_steps(p, v, m):
-      if m == "learned":
-        return qat_lib.rescale_step(self._learned[p]["a"], self.qat["a_bits"] or self.qat["w_bits"], bits)
-      if m == "lapq":
-        return lapq["a"][p]
-      return jax.vmap(lambda b: _method_fn(m)(v, b, self.act_grids[p]))(bits)
-
-    w = {p: jnp.stack([weight_steps(p, k, m) for m in self.grid.methods]) for p, k in kernels.items()}
-    a = {p: jnp.stack([act_steps(p, v, m) for m in self.grid.methods]) for p, v in acts.items()}
-    out = {"w": w, "a": a}
-    if self.grid.formats:  # each format's max scaling: (n_formats,) per tensor or (n_formats, 1, …, C) per channel
-      fs = self.grid.formats
-      out["wf"] = {p: formats_lib.max_scales(k, fs, channel_axis=-1 if axis is not None else None)
-                   for p, k in kernels.items()}
-      out["af"] = {p: formats_lib.max_scales(v, fs) for p, v in acts.items()}
-    return out
-
   def _quant_for_point(self, base: dict, pt: dict) -> dict:
-    layers = {}
-    sliding = self.grid.dorefa_mode == "sliding"  # the authors' DoReFa perturbation: DoReFa's scale × ratio
-    for p in self.paths:
-      w_base = base["w"][p][pt["method"], pt["bit_idx"]]
-      w_step = _apply_policy(w_base / pt["ratio"] if sliding else w_base * pt["ratio"], pt["policy"])
-      entry = {"w_bits": jnp.where(pt["w_on"], pt["bits"], 0), "w_step": w_step}
-      if self.dorefa:
-        entry["w_tanh"] = jnp.asarray(True)
-      if self.grid.bias_correction != "none":
-        entry["w_bias_corr"] = jnp.asarray(BIAS_CORRECTIONS.index(self.grid.bias_correction))
-      if self.grid.formats:  # the number-format path of the hook (fmt −1: the integer grid above)
-        entry.update(w_fmt=jnp.where(pt["w_on"], pt["fmt"], -1),
-                     w_scale=_apply_policy(base["wf"][p][pt["fmt_idx"]], pt["policy"]), w_ratio=pt["ratio"])
-      if p in base["a"]:
-        a_ratio = 1.0 if sliding else pt["ratio"]  # sliding perturbs the weights only
-        a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * a_ratio, pt["policy"])
-        entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
-        if self.grid.formats:
-          entry.update(a_fmt=jnp.where(pt["a_on"], pt["fmt"], -1),
-                       a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"])
-      layers[p] = entry
-    return quant_collection(None, layers)
-
-  def _batch_sums(self, variables: dict, base: dict, arrays: dict, batch: dict) -> dict:
-    inputs = self.task.inputs(batch)
-
-    def one(pt):
-      logits = self.model.apply({**variables, "quant": self._quant_for_point(base, pt)}, *inputs)
-      return self.task.eval_sums(logits.astype(jnp.float32), batch)
-
-    return jax.lax.map(one, arrays, batch_size=self.chunk)
+    """The "quant" collection of one grid point (traced inside the scorer; here for inspection)."""
+    return _quant_for_point(self._plan, base, pt)
 
   # -- host side -------------------------------------------------------------------------
 
   def _placed_like(self, batch: dict) -> tuple[dict, dict, dict]:
     sharding = getattr(self.task.inputs(batch)[0], "sharding", None)
-    variables, acts, arrays, lapq = self.variables, self._acts, self._arrays, self._lapq
+    variables, acts, arrays, lapq, learned = self.variables, self._acts, self._arrays, self._lapq, self._learned
     if isinstance(sharding, jax.sharding.NamedSharding):
       rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-      variables, acts, arrays, lapq = jax.device_put((variables, acts, arrays, lapq), rep)
-    return variables, self._base_steps(variables["params"], acts, self._bits, lapq), arrays
+      variables, acts, arrays, lapq, learned = jax.device_put((variables, acts, arrays, lapq, learned), rep)
+    return variables, self._base_steps(variables["params"], acts, self._bits, lapq, learned), arrays
 
   def base_steps(self) -> dict:
     """{'w'|'a': {path: Δ̃[method, bits, (C)]}}: the base steps of every layer, method and bit-width."""
-    return self._base_steps(self.variables["params"], self._acts, self._bits, self._lapq)
+    return self._base_steps(self.variables["params"], self._acts, self._bits, self._lapq, self._learned)
 
   def score(self, batches: Iterable[dict], progress: Callable | None = None) -> list[dict[str, Any]]:
     """Run every batch once through the compiled scorer; rows of the grid with metrics."""

@@ -12,6 +12,7 @@ import pytest
 
 from kure_jax import quant
 from kure_jax.errors import UserError
+from kure_jax import lapq as lapq_lib
 from kure_jax.lapq import Lapq, fit_p, lapq
 from kure_jax.models.layers import quant_hook
 from kure_jax.robustness import Grid, Sweep
@@ -106,39 +107,49 @@ def test_lapq_steps_are_the_sweeps_base_step(small):
   model, variables, batches, paths = small
   grid = Grid(bits=(2, 3), ratios=(0.9, 1.0), policies=("exact", "pow2_nearest"), methods=("mse", "lapq"),
               targets=("weights", "both"))
-  sweep = Sweep(model, variables, grid, calibration=[batches[0]["image"]], lapq_calibration=batches,
-                lapq_options={"iterations": 1, "chunk_size": 32})
-  assert set(sweep.lapq_results) == {2, 3}
-  assert sweep.lapq_runner.quantize_acts and sweep.lapq_runner.quantize_weights  # the widest target
+  results = lapq_lib.grid_steps(model, variables, grid, paths, batches, options={"iterations": 1, "chunk_size": 32})
+  assert set(results) == {2, 3}
+  assert all(r.steps[p]["w"] is not None and r.steps[p]["a"] is not None  # the widest target: both searched
+             for r in results.values() for p in paths)
+  sweep = Sweep(model, variables, grid, calibration=[batches[0]["image"]],
+                lapq_steps={b: r.steps for b, r in results.items()})
   base = jax.device_get(sweep.base_steps())
   m = grid.methods.index("lapq")
   for i, b in enumerate(grid.bits):
     for p in paths:
-      assert base["w"][p][m, i] == pytest.approx(float(sweep.lapq_results[b].steps[p]["w"]))
-      assert base["a"][p][m, i] == pytest.approx(float(sweep.lapq_results[b].steps[p]["a"]))
+      assert base["w"][p][m, i] == pytest.approx(float(results[b].steps[p]["w"]))
+      assert base["a"][p][m, i] == pytest.approx(float(results[b].steps[p]["a"]))
   rows = sweep.score(batches)
   assert sweep._score_batch._cache_size() == 1 and len(rows) == len(grid.points())
   # at ratio 1, exact steps, both quantized, the sweep's loss is LAPQ's calibration loss (same data)
   for b in grid.bits:
     row = next(r for r in rows if (r["method"], r["bits"], r["ratio"], r["policy"], r["target"]) ==
                ("lapq", b, 1.0, "exact", "both"))
-    assert row["loss"] == pytest.approx(sweep.lapq_results[b].loss, rel=1e-4)
-  # precomputed steps: no calibration needed, the same table
-  again = Sweep(model, variables, grid, calibration=[batches[0]["image"]],
-                lapq_steps={b: r.steps for b, r in sweep.lapq_results.items()})
-  np.testing.assert_allclose(jax.device_get(again.base_steps())["w"]["fc1/kernel"], base["w"]["fc1/kernel"])
+    assert row["loss"] == pytest.approx(results[b].loss, rel=1e-4)
+  # weights only: LAPQ searches no activation step
+  w_only = lapq_lib.grid_steps(model, variables, Grid(bits=(3,), methods=("lapq",)), paths, batches,
+                               options={"iterations": 1, "max_evals": 5})
+  assert all(w_only[3].steps[p]["a"] is None for p in paths)
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(), "needs labelled calibration data"),
-    (dict(lapq_steps={2: {}}), "needs labelled calibration data"),
-    (dict(lapq_calibration=[{"image": np.zeros((2, 8, 8, 3))}]), "needs labelled calibration data"),
-    (dict(lapq_calibration=[], lapq_options={"maxiter": 2}), "unknown maxiter"),
+    (dict(), r"needs lapq_steps for every bit-width \(missing: 2, 3\): run kure_jax.lapq.grid_steps"),
+    (dict(lapq_steps={2: {}}), r"\(missing: 3\)"),
 ])
 def test_lapq_user_errors(small, kw, message):
   model, variables, _, _ = small
   with pytest.raises(UserError, match=message):
     Sweep(model, variables, Grid(bits=(2, 3), methods=("lapq",)), **kw)
+
+
+@pytest.mark.parametrize("calibration, options, message", [
+    ([{"image": np.zeros((2, 8, 8, 3))}], {}, "needs labelled calibration data"),
+    ([], {"maxiter": 2}, "unknown maxiter"),
+])
+def test_grid_steps_user_errors(small, calibration, options, message):
+  model, variables, _, paths = small
+  with pytest.raises(UserError, match=message):
+    lapq_lib.grid_steps(model, variables, Grid(bits=(2,), methods=("lapq",)), paths, calibration, options=options)
 
 
 def test_lapq_steps_of_another_granularity(small):
@@ -222,7 +233,7 @@ def test_real_cifar10_lapq_beats_mse_steps(tmp_path):
   from configs import cifar10_resnet20
   from kure_jax import data, models
   from kure_jax.checkpoint import load_variables
-  from kure_jax.evaluate import calibration_sample
+  from kure_jax.calibration import calibration_sample
   from kure_jax.train import train_and_evaluate
 
   c = cifar10_resnet20.get_config()

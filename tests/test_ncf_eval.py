@@ -135,7 +135,7 @@ def test_run_eval_writes_ranking_reports(trained, tmp_path):
     assert (out / png).stat().st_size > 10_000
   summary = report.summary_table(rows)  # what eval.py prints: the metric read off the rows
   header = summary.splitlines()[0]
-  assert "HR@10 W2" in header and "HR@10 W8" in header
+  assert "HR@10 2 bits" in header and "HR@10 8 bits" in header
   base = next(r for r in rows if (r["bits"], r["ratio"], r["policy"], r["target"]) == (8, 1.0, "exact", "weights"))
   assert "| ncf | weights | mse | " in summary and f"{base['hr@10']:.3f}" in summary
 

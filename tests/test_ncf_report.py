@@ -45,3 +45,17 @@ def test_table_groups_seeds_and_the_plot_is_written(tmp_path):
   assert "rebuttal" not in report.table(by, floats, "both", [4])
   report.plot(by, floats, ["activations", "both"], [4], str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_float_table_has_the_last_and_the_best_epoch(tmp_path):
+  report = _load()
+  runs = tmp_path / "runs"
+  _run(str(runs), "baseline_s0", 0.70)                 # evaluations 0.60 then 0.70: best = last
+  os.makedirs(runs / "baseline_s1")
+  with open(runs / "baseline_s1" / "metrics.jsonl", "w") as f:
+    for step, hr in ((5, 0.72), (10, 0.66)):           # it peaked before the end: best 0.72, last 0.66
+      f.write(json.dumps({"step": step, "split": "eval", "hr@10": hr}) + "\n")
+  best = report.best_epochs(str(runs), ["baseline_s0", "baseline_s1"])
+  assert best == {"baseline": [0.70, 0.72]}
+  text = report.float_table({"baseline": [0.70, 0.66]}, best)
+  assert "| baseline | 2 | 68.00 ± 2.83 | 71.00 ± 1.41 |" in text

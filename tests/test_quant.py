@@ -1,5 +1,7 @@
 """Fake quantizers, STE/LSQ gradients and step pickers against NumPy references."""
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -265,6 +267,16 @@ class StepPickerTest(chex.TestCase):
       batched = jax.vmap(lambda b: fn(x, b, axis=-1))(bits)
       self.assertEqual(batched.shape, (7, 8), name)
       np.testing.assert_allclose(batched[2], fn(x, 4, axis=-1), rtol=1e-6, err_msg=name)
+
+  def test_pickers_share_one_signature(self):
+    """(x, bits, grid, *, axis): the sweep passes the grid positionally (the ACIQ ones once took it as `dist`)."""
+    x = jax.random.normal(jax.random.key(12), (64, 8))
+    np.testing.assert_allclose(quant.STEP_METHODS["aciq_gauss"](x, 4, "midrise", axis=-1),
+                               quant.aciq_step(x, 4, "gauss", "midrise", axis=-1), rtol=0)
+    np.testing.assert_allclose(quant.STEP_METHODS["aciq_laplace"](x, 3, "unsigned"),
+                               quant.aciq_step(x, 3, "laplace", "unsigned"), rtol=0)
+    for name, fn in quant.STEP_METHODS.items():
+      self.assertEqual(list(inspect.signature(fn).parameters), ["x", "bits", "grid", "axis"], name)
 
 
 class MseStepVsTheoryTest(parameterized.TestCase):

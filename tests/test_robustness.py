@@ -100,3 +100,38 @@ def test_16_bits_reproduces_float(setup):
 def test_bad_grid(kw, message):
   with pytest.raises(UserError, match=message):
     Grid(**kw).validate()
+
+
+def test_checkpoints_of_one_architecture_compile_once(setup):
+  """A second checkpoint of the same model on the same grid reuses the compiled scorer (eval.py with N checkpoints
+  compiles once): no backend compilation at all while it is prepared and scored, and its rows are its own."""
+  model, variables, batches = setup
+  grid = Grid(bits=(3, 4), ratios=(0.9, 1.1), methods=("mse", "aciq_gauss"), targets=("weights", "both"))
+  calib = [b["image"] for b in batches[:1]]
+  first = Sweep(model, variables, grid, calibration=calib)
+  rows_first = first.score(batches)
+  noise = np.random.default_rng(5)  # another checkpoint, same shapes (noise: a ReLU net ignores a common scale)
+  other = jax.tree.map(lambda x: x + 0.5 * np.std(x) * noise.normal(size=x.shape).astype(np.float32), variables)
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event.endswith("backend_compile_duration"):
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    second = Sweep(Net(), other, grid, calibration=calib)  # a fresh model object: equal, so the same plan
+    rows_second = second.score(batches)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  assert second._score_batch is first._score_batch
+  fresh = Sweep(model, other, grid, calibration=calib, chunk=2)  # a different plan compiles its own
+  assert fresh._score_batch is not first._score_batch
+  assert [r["correct"] for r in fresh.score(batches)] == [r["correct"] for r in rows_second]
+  assert [r["correct"] for r in rows_second] != [r["correct"] for r in rows_first]
+  # ACIQ base steps in the sweep (they once failed to trace): a point equals the sequential evaluation
+  acts = {p: np.asarray(v) for p, v in first._acts.items()}
+  for row in [r for r in rows_first if r["method"] == "aciq_gauss" and r["ratio"] == 1.1]:
+    assert row["correct"] == sequential_correct(model, variables, batches, row, grid, acts, first.act_grids,
+                                                first.paths), row

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from kure_jax.data.batching import check_batching
+from kure_jax.data.batching import config_value as _get
 from kure_jax.errors import UserError
 
 # The repository's sibling ../shared/data/movielens (this file is <repo>/kure_jax/data/movielens.py).
@@ -342,8 +344,6 @@ def make_dataset(config: Any, split: str, *, batch_size: int, train: bool, seed:
   (NCF's training interactions) or 'eval' / 'test' (the leave-one-out test item with its 99 negatives).
   Raises UserError (a ValueError) for missing or malformed files, ValueError for a bad batch size or split.
   """
-  from kure_jax.data.pipeline import _get, check_batching  # pylint: disable=g-import-not-at-top
-
   if split not in ("train", "eval", "test"):
     raise ValueError(f"movielens has the splits 'train' and 'eval' (= 'test'), got {split!r}.")
   process_index, process_count = check_batching(batch_size, start_step, process_index, process_count)

@@ -34,7 +34,7 @@ import collections
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ import numpy as np
 from kure_jax.data import cache as cache_lib
 from kure_jax.data import sources
 from kure_jax.data import transforms
+from kure_jax.data.batching import check_batching
+from kure_jax.data.batching import config_value as _get
 
 IMAGE_DATASETS = sources.TFDS_NAMES + ("folder",)
 DATASET_NAMES = IMAGE_DATASETS + ("movielens",)  # movielens: NCF's implicit feedback, `kure_jax.data.movielens`
@@ -53,18 +55,6 @@ FOLDER_EVAL_SPLITS = ("val", "validation", "test")
 MAX_IN_MEMORY_BYTES = 16 << 30  # a decoded 'cifar'-style split larger than this is refused
 
 Batch = dict[str, np.ndarray]
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-  """config[key] for a dict, a ConfigDict or any object with attributes; `default` when absent."""
-  if config is None:
-    return default
-  if isinstance(config, Mapping):
-    return config.get(key, default)
-  getter = getattr(config, "get", None)
-  if callable(getter):
-    return getter(key, default)
-  return getattr(config, key, default)
 
 
 def _cpu_count() -> int:
@@ -206,6 +196,11 @@ class Dataset:
     """Batch `step` for this host, built synchronously (`iterate` builds ahead in threads)."""
     return self._batcher.make(*self._work(step))
 
+  def examples(self, indices: np.ndarray) -> Batch:
+    """The examples at `indices` (of this split) as one batch, with evaluation preprocessing (no augmentation)."""
+    indices = np.asarray(indices, np.int64)
+    return self._batcher.make(indices, np.ones(len(indices), bool), None)
+
   def iterate(self, start_step: int | None = None, num_steps: int | None = None) -> Iterator[Batch]:
     """Batches start_step, start_step+1, ...: endless for training, to the end of the pass for eval.
 
@@ -271,28 +266,6 @@ def _disk_cache_dir(config: Any, cache_dir: str | os.PathLike | None) -> Path | 
   if isinstance(setting, (str, os.PathLike)) and str(setting).lower() != "true":
     return Path(os.path.expanduser(str(setting)))
   return cache_lib.default_cache_dir()
-
-
-def check_batching(batch_size: Any, start_step: int, process_index: int | None,
-                   process_count: int | None) -> tuple[int, int]:
-  """(process_index, process_count), JAX's where None, after checking the global batch size and the start
-  step against them (ValueError in one line): what every dataset of `make_dataset` needs."""
-  if process_count is None or process_index is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    process_count = jax.process_count() if process_count is None else process_count
-    process_index = jax.process_index() if process_index is None else process_index
-  if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}.")
-  if batch_size % process_count:
-    raise ValueError(f"the global batch_size {batch_size} is not divisible by the number of processes "
-                     f"(jax.process_count() = {process_count}); use a multiple of {process_count} "
-                     f"(each host loads batch_size / process_count examples).")
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}.")
-  return int(process_index), int(process_count)
 
 
 def make_dataset(config: Any, split: str, *, batch_size: int, train: bool, seed: int = 0, start_step: int = 0,

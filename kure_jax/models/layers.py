@@ -48,7 +48,7 @@ default_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def _maybe_quantize(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -> jax.Array:
   """Fake-quantize x where bits > 0; the identity where bits == 0 (float)."""
   bits = jnp.asarray(bits)
-  q = Q._quantize(Q._f32(x), step, jnp.maximum(bits, 1), grid).astype(x.dtype)
+  q = Q.quantize_traced(x, step, jnp.maximum(bits, 1), grid)
   return jnp.where(bits > 0, q, x)
 
 
@@ -61,7 +61,7 @@ def bias_correct(q: jax.Array, w: jax.Array, mode: jax.Array | int) -> jax.Array
   the scale). `mode` may be traced (0 returns q), so a sweep can switch it without recompiling.
   """
   red = tuple(range(q.ndim - 1))
-  qf, wf = Q._f32(q), Q._f32(w)
+  qf, wf = Q.at_least_f32(q), Q.at_least_f32(w)
   mu_q, mu_w = jnp.mean(qf, axis=red), jnp.mean(wf, axis=red)
   sd_q, sd_w = jnp.std(qf, axis=red), jnp.std(wf, axis=red)
   mode = jnp.asarray(mode)
