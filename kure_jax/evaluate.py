@@ -23,7 +23,7 @@ from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
 from kure_jax.folding import fold_batchnorm
-from kure_jax.kurtosis import selection
+from kure_jax.kurtosis import kernel_selection
 from kure_jax.robustness import Grid, Sweep, quantized_paths
 
 
@@ -141,7 +141,8 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   if inner and config.model not in models_lib.MODELS:  # an image model's convs; NeuMF has dense layers only
     raise UserError(f"config.eval.layers 'inner_convs' quantizes every conv but the first and last, but "
                     f"{config.model} has no such convs; use --config.eval.layers=kure.")
-  layers = {"paths": models_lib.inner_convs(model, abstract, (size, size, 3))} if inner else selection(config.kure)
+  layers = ({"paths": models_lib.inner_convs(model, abstract, (size, size, 3))} if inner
+            else kernel_selection(config.kure))
   expected = {"model": config.model, "num_classes": int(config.dataset.num_classes),
               "param_shapes": param_shapes(abstract["params"])}
   loaded = []

@@ -144,7 +144,7 @@ def _patterns(value: Pattern) -> tuple[str, ...]:
   return tuple(value)
 
 
-def selection(section: Any) -> dict[str, Any]:
+def kernel_selection(section: Any) -> dict[str, Any]:
   """`select_kernels`' keywords from a config section holding include, exclude, skip_stem and skip_head: the
   one reading of ``config.kure`` (KURE's layers, which the sweep quantizes) and ``config.quant`` (QAT's)."""
   get = section.get if hasattr(section, "get") else lambda k, d=None: getattr(section, k, d)

@@ -34,8 +34,7 @@ import numpy as np
 from kure_jax import quant as Q
 from kure_jax.calibration import act_grid
 from kure_jax.errors import UserError
-from kure_jax.kurtosis import select_kernels
-from kure_jax.kurtosis import selection as kurtosis_selection
+from kure_jax.kurtosis import kernel_selection, select_kernels
 from kure_jax.models.layers import INTERMEDIATES, quant_collection
 
 METHODS = ("none", "dorefa", "lsq")
@@ -94,8 +93,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def selection(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The layers QAT quantizes: `select_kernels` keywords from ``config.quant`` (`kurtosis.selection`)."""
-  return kurtosis_selection(config.quant)
+  """The layers QAT quantizes: `select_kernels` keywords from ``config.quant`` (`kurtosis.kernel_selection`)."""
+  return kernel_selection(config.quant)
 
 
 def make_spec(config: ml_collections.ConfigDict, model, variables: dict, images: np.ndarray) -> QatSpec:

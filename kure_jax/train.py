@@ -34,7 +34,8 @@ from kure_jax import tasks as tasks_lib
 from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
 from kure_jax.gradient_l1 import with_gradient_l1
-from kure_jax.kurtosis import REDUCTIONS, kure_penalty, kurtosis, kurtosis_by_layer, select_kernels, selection
+from kure_jax.kurtosis import (REDUCTIONS, kernel_selection, kure_penalty, kurtosis, kurtosis_by_layer,
+                               select_kernels)
 from kure_jax.metrics import MetricWriter
 from kure_jax.tasks import CLASSIFICATION, Task, classification_sums, cross_entropy  # noqa: F401 (re-exported)
 
@@ -119,8 +120,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def kure_selection(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The kernel-selection keywords of `select_kernels` from ``config.kure`` (`kurtosis.selection`)."""
-  return selection(config.kure)
+  """The kernel-selection keywords of `select_kernels` from ``config.kure`` (`kurtosis.kernel_selection`)."""
+  return kernel_selection(config.kure)
 
 
 # ----------------------------------------------------------------------------------
