@@ -147,7 +147,7 @@ def _patterns(value: Pattern) -> tuple[str, ...]:
 def kernel_selection(section: Any) -> dict[str, Any]:
   """`select_kernels`' keywords from a config section holding include, exclude, skip_stem and skip_head: the
   one reading of ``config.kure`` (KURE's layers, which the sweep quantizes) and ``config.quant`` (QAT's)."""
-  get = section.get if hasattr(section, "get") else lambda k, d=None: getattr(section, k, d)
+  get = section.get  # a ConfigDict or a dict
   return {"include": get("include") or None, "exclude": get("exclude") or None,
           "skip_stem": bool(get("skip_stem", True)), "skip_head": bool(get("skip_head", True))}
 

@@ -147,7 +147,6 @@ class Lapq:
 
   def _loss(self, variables: dict, data: dict, x: jax.Array, profiles: dict, bits: jax.Array) -> jax.Array:
     """Mean calibration cross-entropy with weight steps profile·e^x[i] and activation steps e^x[n+i]."""
-
     steps = jnp.exp(jnp.clip(x, -_LOG_CLIP, _LOG_CLIP))
     n = len(self.paths)
     layers = {}
@@ -294,7 +293,7 @@ def grid_steps(model, variables: dict, grid, paths: Sequence[str], calibration: 
   chunk_size = options.pop("chunk_size", 128)
   runner = Lapq(model, variables, calibration, paths, quantize_weights=quantize_w, quantize_acts=quantize_a,
                 granularity=grid.granularity,
-                weight_grid="midrise" if grid.weight_grid == "sliding" else grid.weight_grid, dorefa=dorefa,
+                weight_grid=Q.picking_grid(grid.weight_grid), dorefa=dorefa,
                 bias_correction=grid.bias_correction, chunk_size=chunk_size)
   target = "W{b}/A{b}" if quantize_w and quantize_a else ("A{b}" if quantize_a else "W{b}")
   return {int(b): runner.run(int(b), desc="LAPQ " + target.format(b=b), **options) for b in grid.bits}

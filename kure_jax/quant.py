@@ -122,6 +122,12 @@ def _quantize(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -> jax.
   return q * step
 
 
+def picking_grid(weight_grid: str) -> str:
+  """The grid a weight step is picked on: the sliding grid has DoReFa's midrise levels at ratio 1 and no range
+  of its own; every other grid is its own."""
+  return "midrise" if weight_grid == "sliding" else weight_grid
+
+
 def quantize_traced(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -> jax.Array:
   """`quantize` without its value checks, for callers whose bits and steps are traced (the models' hook):
   `step` already broadcastable to x, bits ≥ 1; computed in float32 (or wider), returned in x's dtype."""

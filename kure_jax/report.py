@@ -152,7 +152,8 @@ def formats_table(rows: Sequence[dict[str, Any]], metric=None) -> str:
 def _integer_table(rows: Sequence[dict[str, Any]], metric) -> str:
   key, spec = metric.key, metric.fmt
   bits = sorted({r["bits"] for r in rows})
-  lines = ["| checkpoint | target | method | " + " | ".join(f"{_named(metric)}{b} bits Δ̃ / worst / pow2" for b in bits)
+  lines = ["| checkpoint | target | method | "
+           + " | ".join(f"{_named(metric)}{b} bits Δ̃ / worst / pow2" for b in bits)
            + " |",
            "| --- | --- | --- | " + " | ".join("---:" for _ in bits) + " |"]
   for ck in dict.fromkeys(r["checkpoint"] for r in rows):

@@ -18,9 +18,9 @@ kernels, which XLA:CPU runs 8× slower. On GPU/TPU a larger chunk may pay; measu
 Base-step method "lapq" (loss-aware PTQ, `kure_jax.lapq`) is not a function of one layer's
 tensor: its steps come from a Powell search over the whole model's calibration loss, run
 before the sweep (`kure_jax.lapq.grid_steps`), once per bit-width of the grid, and enter the
-compiled function as a precomputed table (``Sweep(..., lapq_steps=...)``; so LAPQ steps are swept over ratios and policies like any
-other Δ̃). One LAPQ run serves every target of the grid: it quantizes the weights if any target
-quantizes weights and the activations if any target quantizes activations (the widest target),
+compiled function as a precomputed table (``Sweep(..., lapq_steps=...)``), so LAPQ steps are
+swept over ratios and policies like any other Δ̃. One LAPQ run serves every target of the
+grid: it quantizes the weights if any target quantizes weights and the activations if any target quantizes activations (the widest target),
 so in a grid with 'weights' and 'both' the weight-only points use the weight steps LAPQ found
 together with the activation steps.
 
@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import formats as formats_lib
-from kure_jax.calibration import act_grid, record_activations
 from kure_jax import qat as qat_lib
 from kure_jax import quant as Q
+from kure_jax.calibration import act_grid, record_activations
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import select_kernels
 from kure_jax.models.layers import BIAS_CORRECTIONS, quant_collection
@@ -167,8 +167,8 @@ class _Plan:
 
   @property
   def pick_grid(self) -> str:
-    """The grid steps are picked on: the sliding grid has DoReFa's midrise levels at ratio 1, no range of its own."""
-    return "midrise" if self.grid.weight_grid == "sliding" else self.grid.weight_grid
+    """The grid weight steps are picked on (`quant.picking_grid`)."""
+    return Q.picking_grid(self.grid.weight_grid)
 
 
 @functools.lru_cache(maxsize=32)
