@@ -60,10 +60,27 @@ def _groups(checkpoints: Sequence[str]) -> list[tuple[str, list[str]]]:
   return [(f"{a} ({len(v)} seeds)" if len(v) > 1 else v[0], v) for a, v in arms.items()]
 
 
-def _base(rows, **match):
-  """The row nearest ratio 1 among those matching, or None."""
-  pts = _at(rows, **match)
+def select(rows: Sequence[dict[str, Any]], **match) -> list[dict[str, Any]]:
+  """The rows holding every value of `match` (e.g. ``checkpoint="kure", bits=4, policy="exact"``)."""
+  return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def at_base(rows: Sequence[dict[str, Any]], **match) -> dict[str, Any] | None:
+  """Of the rows matching, the one at the base step: step ratio nearest 1 (Δ̃ itself, or a format's max scaling);
+  None where none match."""
+  pts = select(rows, **match)
   return min(pts, key=lambda r: abs(r["ratio"] - 1.0)) if pts else None
+
+
+def _unique(rows, key: str) -> list:
+  return list(dict.fromkeys(r[key] for r in rows))
+
+
+def _policy(rows) -> str:
+  """The rounding policy the ratio, bit-width and format plots draw: 'exact' where the rows hold it, else their
+  first (a grid of power-of-two steps only)."""
+  policies = _unique(rows, "policy")
+  return "exact" if "exact" in policies else policies[0]
 
 
 def _curve(per_checkpoint: dict[str, dict[float, float]]) -> tuple[list, list[float], list[float]]:
@@ -80,13 +97,31 @@ def _line(ax, xs, ys, sd, style: str, color, marker: str, label: str) -> None:
                     lw=0)
 
 
-def _legend(ax, n_entries: int, beside: bool = False) -> None:
-  """Inside the axes while short, beside them (saved with bbox_inches='tight') once it would cover the curves
-  (bar charts: always beside, their low bars fill the corners)."""
-  if n_entries <= 6 and not beside:
-    ax.legend(fontsize=7, loc="lower left")
+def _legend(axes, beside: bool = False) -> None:
+  """One legend for a grid of axes (every label once), on the top right one: inside it (where it covers the fewest
+  points) while short, beside it (saved with bbox_inches='tight') once it would cover the curves (bar charts:
+  always beside, their low bars fill the corners)."""
+  entries: dict[str, Any] = {}
+  for ax in axes.flat:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      entries.setdefault(label, handle)
+  if not entries:
+    return
+  ax = axes[0][-1]
+  if len(entries) <= 6 and not beside:
+    ax.legend(entries.values(), entries.keys(), fontsize=7, loc="best")
   else:
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + n_entries // 24)
+    ax.legend(entries.values(), entries.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              ncol=1 + len(entries) // 24)
+
+
+def _save(fig, path: str, title: str) -> str:
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  return path
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -98,8 +133,8 @@ def _atomic_write(path: str, text: str) -> None:
 
 def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, meta: dict[str, Any] | None = None,
                  metric=None) -> dict[str, str]:
-  """robustness.json (rows + meta) and robustness.csv (one row per checkpoint × grid point; the metric columns
-  are the task's: top1, top5 or hr@10, ndcg@10)."""
+  """robustness.json (rows + meta, full precision) and robustness.csv (one row per checkpoint × grid point, floats
+  rounded to 4 decimals; the metric columns are the task's: top1, top5 or hr@10, ndcg@10)."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {"json": os.path.join(out_dir, "robustness.json"), "csv": os.path.join(out_dir, "robustness.csv")}
   _atomic_write(paths["json"], json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=1))
@@ -110,10 +145,6 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, meta: dict[str, A
     w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
   _atomic_write(paths["csv"], buf.getvalue())
   return paths
-
-
-def _at(rows, **match):
-  return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
 
 def summary_table(rows: Sequence[dict[str, Any]], metric=None) -> str:
@@ -135,15 +166,15 @@ def formats_table(rows: Sequence[dict[str, Any]], metric=None) -> str:
   and its worst case over the ratios."""
   metric = metric_of(rows, metric)
   key, fmt = metric.key, metric.fmt
-  fmts = list(dict.fromkeys(r["format"] for r in rows))
+  fmts = _unique(rows, "format")
   lines = ["| checkpoint | target | " + " | ".join(f"{_named(metric)}{f} / worst" for f in fmts) + " |",
            "| --- | --- | " + " | ".join("---:" for _ in fmts) + " |"]
-  for ck in dict.fromkeys(r["checkpoint"] for r in rows):
-    for target in dict.fromkeys(r["target"] for r in rows):
+  for ck in _unique(rows, "checkpoint"):
+    for target in _unique(rows, "target"):
       cells = []
       for f in fmts:
-        exact = _at(rows, checkpoint=ck, target=target, format=f, policy="exact")
-        base = min(exact, key=lambda r: abs(r["ratio"] - 1.0)) if exact else None
+        exact = select(rows, checkpoint=ck, target=target, format=f, policy="exact")
+        base = at_base(exact)
         cells.append(f"{base[key]:{fmt}} / {min(r[key] for r in exact):{fmt}}" if base else "–")
       lines.append(f"| {ck} | {target} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -156,165 +187,169 @@ def _integer_table(rows: Sequence[dict[str, Any]], metric) -> str:
            + " | ".join(f"{_named(metric)}{b} bits Δ̃ / worst / pow2" for b in bits)
            + " |",
            "| --- | --- | --- | " + " | ".join("---:" for _ in bits) + " |"]
-  for ck in dict.fromkeys(r["checkpoint"] for r in rows):
-    for target in dict.fromkeys(r["target"] for r in rows):
-      for method in dict.fromkeys(r["method"] for r in rows):
+  cell = lambda r: f"{r[key]:{spec}}" if r else "–"
+  for ck in _unique(rows, "checkpoint"):
+    for target in _unique(rows, "target"):
+      for method in _unique(rows, "method"):
         cells = []
         for b in bits:
-          exact = _at(rows, checkpoint=ck, target=target, method=method, bits=b, policy="exact")
-          base = min(exact, key=lambda r: abs(r["ratio"] - 1.0)) if exact else None
-          pow2 = _at(rows, checkpoint=ck, target=target, method=method, bits=b, policy="pow2_nearest")
-          pow2 = min(pow2, key=lambda r: abs(r["ratio"] - 1.0)) if pow2 else None
-          fmt = lambda r: f"{r[key]:{spec}}" if r else "–"
+          exact = select(rows, checkpoint=ck, target=target, method=method, bits=b, policy="exact")
+          pow2 = at_base(rows, checkpoint=ck, target=target, method=method, bits=b, policy="pow2_nearest")
           worst = min((r[key] for r in exact), default=None)
-          cells.append(f"{fmt(base)} / {worst:{spec}} / {fmt(pow2)}" if worst is not None else "–")
+          cells.append(f"{cell(at_base(exact))} / {worst:{spec}} / {cell(pow2)}" if worst is not None else "–")
         lines.append(f"| {ck} | {target} | {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def plot_all(rows: Sequence[dict[str, Any]], out_dir: str, title: str = "", metric=None) -> dict[str, str]:
-  """accuracy_vs_ratio.png, accuracy_vs_bits.png and pow2.png (integer grids, every base-step method), and
-  formats.png (number formats) in `out_dir`, of the headline metric (top-1, HR@10; the file names stay);
-  returns {plot: path} for what was drawn."""
+  """accuracy_vs_ratio.png, accuracy_vs_bits.png and (with several rounding policies) pow2.png of the integer
+  grid, a panel per base-step method, and formats.png (number formats) in `out_dir`, of the headline metric
+  (top-1, HR@10; the file names stay); returns {plot: path} for what was drawn."""
   metric = metric_of(rows, metric)
   ints = [r for r in rows if not r.get("format")]
   fmts = [r for r in rows if r.get("format")]
   out = {}
-  for method in dict.fromkeys(r["method"] for r in ints):  # one set of plots per base-step method
-    suffix = "" if method == ints[0]["method"] else f"_{method}"
-    drawn = _plot_integer([r for r in ints if r["method"] == method], out_dir, title, method, metric)
-    out.update({k + suffix: v.replace(".png", f"{suffix}.png") for k, v in drawn.items()})
-    for v in drawn.values():
-      if suffix:
-        os.replace(v, v.replace(".png", f"{suffix}.png"))
+  if ints:
+    out["ratio"] = plot_ratio(ints, os.path.join(out_dir, "accuracy_vs_ratio.png"), title, metric)
+    out["bits"] = plot_bits(ints, os.path.join(out_dir, "accuracy_vs_bits.png"), "", metric)
+    if len(_unique(ints, "policy")) > 1:
+      out["pow2"] = plot_policies(ints, os.path.join(out_dir, "pow2.png"), "", metric)
   if fmts:
-    out["formats"] = _plot_formats(fmts, out_dir, title, metric)
+    out["formats"] = plot_formats(fmts, os.path.join(out_dir, "formats.png"), title, metric)
   return out
-
-
-def _plot_formats(rows: Sequence[dict[str, Any]], out_dir: str, title: str, metric) -> str:
-  """formats.png: the headline metric of every format at ratio 1 (bars; seeds of one arm: mean, ±1 std whiskers),
-  and vs the step ratio where there are several."""
-  from matplotlib.figure import Figure
-
-  key, label, ylim = metric.key, metric.label, (0, metric.best)
-  os.makedirs(out_dir, exist_ok=True)
-  groups = _groups(list(dict.fromkeys(r["checkpoint"] for r in rows)))
-  targets = list(dict.fromkeys(r["target"] for r in rows))
-  fmts = list(dict.fromkeys(r["format"] for r in rows))
-  ratios = sorted({r["ratio"] for r in rows})
-  n_rows = 2 if len(ratios) > 1 else 1
-  fig = Figure(figsize=(max(6.5, 0.9 * len(fmts) + 2) * len(targets), 4.4 * n_rows))
-  axes = fig.subplots(n_rows, len(targets), squeeze=False)
-  width = 0.8 / len(groups)
-  for col, target in enumerate(targets):
-    ax = axes[0][col]
-    for gi, (name, cks) in enumerate(groups):
-      xs, ys, sd = _curve({ck: {i: r[key] for i, f in enumerate(fmts)
-                                if (r := _base(rows, checkpoint=ck, target=target, format=f, policy="exact"))}
-                           for ck in cks})
-      ax.bar([x + (gi - (len(groups) - 1) / 2) * width for x in xs], ys, width, yerr=sd if any(sd) else None,
-             capsize=2, label=name)
-    ax.set(xticks=range(len(fmts)), ylabel=label, ylim=ylim,
-           title=f"number formats at max scaling ({_TARGET_NAMES[target]})")
-    ax.set_xticklabels(fmts, rotation=30, ha="right", fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    _legend(ax, len(groups), beside=True)
-    if n_rows == 2:
-      ax = axes[1][col]
-      for gi, (name, cks) in enumerate(groups):
-        for fi, f in enumerate(fmts):
-          xs, ys, sd = _curve({ck: {r["ratio"]: r[key] for r in _at(rows, checkpoint=ck, target=target, format=f,
-                                                                       policy="exact")} for ck in cks})
-          if xs:
-            _line(ax, xs, ys, sd, _STYLES[gi % 4], f"C{fi % 10}", _MARKERS[gi % len(_MARKERS)], f"{name}, {f}")
-      ax.axvline(1.0, color="grey", lw=0.6)
-      ax.set(xlabel="scale ratio (× the format's max scaling)", ylabel=label, ylim=ylim)
-      ax.grid(alpha=0.3)
-      _legend(ax, len(groups) * len(fmts))
-  fig.suptitle(title or f"{metric.title} in number formats")
-  fig.tight_layout()
-  path = os.path.join(out_dir, "formats.png")
-  fig.savefig(path, dpi=110, bbox_inches="tight")
-  return path
 
 
 _STYLES = ("-", "--", ":", "-.")
 _MARKERS = "osD^v<>ph*"
 
 
-def _plot_integer(rows: Sequence[dict[str, Any]], out_dir: str, title: str, method: str, metric) -> dict[str, str]:
-  """accuracy_vs_ratio.png, accuracy_vs_bits.png and (with several rounding policies) pow2.png for one base-step
-  method; seeds of one arm are drawn as their mean with a ±1 std band or whiskers (`_groups`)."""
+def _dims(rows):
+  """(line groups, base-step methods, targets, bits) of integer-grid rows."""
+  return (_groups(_unique(rows, "checkpoint")), _unique(rows, "method"), _unique(rows, "target"),
+          sorted({r["bits"] for r in rows}))
+
+
+def _step(method: str, policy: str = "exact") -> str:
+  return f"base step {method}" + ("" if policy == "exact" else f", {policy}")
+
+
+def plot_ratio(rows: Sequence[dict[str, Any]], path: str, title: str = "", metric=None) -> str:
+  """The PNG `path`: the headline metric vs the step ratio Δ/Δ̃ of integer-grid rows, a panel per base-step
+  method × target, a line per checkpoint (seeds of an arm: mean, ±1 std band) and bit-width; returns `path`."""
   from matplotlib import colormaps
   from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) stays as it is
 
-  key, label, ylim = metric.key, metric.label, (0, metric.best)
-  os.makedirs(out_dir, exist_ok=True)
-  groups = _groups(list(dict.fromkeys(r["checkpoint"] for r in rows)))
-  targets = list(dict.fromkeys(r["target"] for r in rows))
-  bits = sorted({r["bits"] for r in rows})
+  metric = metric_of(rows, metric)
+  groups, methods, targets, bits = _dims(rows)
+  policy = _policy(rows)
   colors = colormaps["viridis"]([i / max(len(bits) - 1, 1) for i in range(len(bits))])
-  out = {}
+  fig = Figure(figsize=(6.5 * len(targets), 4.6 * len(methods)))
+  axes = fig.subplots(len(methods), len(targets), squeeze=False)
+  for row, method in zip(axes, methods):
+    for ax, target in zip(row, targets):
+      for gi, (name, cks) in enumerate(groups):
+        for bi, b in enumerate(bits):
+          xs, ys, sd = _curve({ck: {r["ratio"]: r[metric.key] for r in select(
+              rows, checkpoint=ck, target=target, bits=b, policy=policy, method=method)} for ck in cks})
+          if xs:
+            _line(ax, xs, ys, sd, _STYLES[gi % 4], colors[bi], _MARKERS[gi % len(_MARKERS)], f"{name}, {b} bits")
+      ax.axvline(1.0, color="grey", lw=0.6)
+      ax.set(xlabel="step ratio Δ / Δ̃", ylabel=metric.label, ylim=(0, metric.best),
+             title=f"quantized: {_TARGET_NAMES.get(target, target)} ({_step(method, policy)})")
+      ax.grid(alpha=0.3)
+  _legend(axes)
+  return _save(fig, path, title or f"{metric.title} vs step-size error")
 
-  fig = Figure(figsize=(6.5 * len(targets), 4.6))
-  axes = fig.subplots(1, len(targets), squeeze=False)
-  for ax, target in zip(axes[0], targets):
+
+def plot_bits(rows: Sequence[dict[str, Any]], path: str, title: str = "", metric=None) -> str:
+  """The PNG `path`: the headline metric at the base step vs bit-width of integer-grid rows, a panel per
+  base-step method, a line per checkpoint (seeds of an arm: mean, ±1 std band) and target; returns `path`."""
+  from matplotlib.figure import Figure
+
+  metric = metric_of(rows, metric)
+  groups, methods, targets, bits = _dims(rows)
+  policy = _policy(rows)
+  fig = Figure(figsize=(6.5 * len(methods), 4.6))
+  axes = fig.subplots(1, len(methods), squeeze=False)
+  for ax, method in zip(axes[0], methods):
     for gi, (name, cks) in enumerate(groups):
-      for bi, b in enumerate(bits):
-        xs, ys, sd = _curve({ck: {r["ratio"]: r[key] for r in _at(rows, checkpoint=ck, target=target, bits=b,
-                                                                     policy="exact", method=method)} for ck in cks})
+      for ti, target in enumerate(targets):
+        xs, ys, sd = _curve({ck: {b: r[metric.key] for b in bits if (r := at_base(
+            rows, checkpoint=ck, target=target, bits=b, policy=policy, method=method))} for ck in cks})
         if xs:
-          _line(ax, xs, ys, sd, _STYLES[gi % 4], colors[bi], _MARKERS[gi % len(_MARKERS)], f"{name}, {b} bits")
-    ax.axvline(1.0, color="grey", lw=0.6)
-    ax.set(xlabel="step ratio Δ / Δ̃", ylabel=label, title=f"quantized: {_TARGET_NAMES[target]}",
-           ylim=ylim)
+          _line(ax, xs, ys, sd, _STYLES[ti % 4], f"C{gi % 10}", _MARKERS[ti % len(_MARKERS)], f"{name}, {target}")
+    ax.set(xlabel="bits", ylabel=metric.label, ylim=(0, metric.best), xticks=bits,
+           title=f"{metric.title} vs bit-width ({_step(method, policy)})")
     ax.grid(alpha=0.3)
-  _legend(axes[0][-1], len(groups) * len(bits))
-  fig.suptitle(f"{title} (base step: {method})" if title
-               else f"{metric.title} vs step-size error (base step: {method})")
-  fig.tight_layout()
-  out["ratio"] = os.path.join(out_dir, "accuracy_vs_ratio.png")
-  fig.savefig(out["ratio"], dpi=110, bbox_inches="tight")
+  _legend(axes)
+  return _save(fig, path, title)
 
-  fig = Figure(figsize=(6.5, 4.6))
-  ax = fig.subplots()
-  for gi, (name, cks) in enumerate(groups):
-    for ti, target in enumerate(targets):
-      xs, ys, sd = _curve({ck: {b: r[key] for b in bits if (r := _base(rows, checkpoint=ck, target=target, bits=b,
-                                                                       policy="exact", method=method))}
-                           for ck in cks})
-      if xs:
-        _line(ax, xs, ys, sd, _STYLES[ti % 4], f"C{gi % 10}", _MARKERS[ti % len(_MARKERS)], f"{name}, {target}")
-  ax.set(xlabel="bits", ylabel=label, title=f"{metric.title} vs bit-width at the base step", ylim=ylim,
-         xticks=bits)
-  ax.grid(alpha=0.3)
-  _legend(ax, len(groups) * len(targets))
-  fig.tight_layout()
-  out["bits"] = os.path.join(out_dir, "accuracy_vs_bits.png")
-  fig.savefig(out["bits"], dpi=110, bbox_inches="tight")
 
-  policies = list(dict.fromkeys(r["policy"] for r in rows))
-  if len(policies) > 1:
-    fig = Figure(figsize=(6.5 * len(targets), 4.6))
-    axes = fig.subplots(1, len(targets), squeeze=False)
-    n = len(groups) * len(policies)
-    width = 0.8 / n
-    for ax, target in zip(axes[0], targets):
-      k = 0
-      for name, cks in groups:
-        for pol in policies:
-          xs, ys, sd = _curve({ck: {i: r[key] for i, b in enumerate(bits)
-                                    if (r := _base(rows, checkpoint=ck, target=target, bits=b, policy=pol,
-                                                   method=method))} for ck in cks})
-          ax.bar([x + (k - (n - 1) / 2) * width for x in xs], ys, width, yerr=sd if any(sd) else None, capsize=2,
-                 label=f"{name}, {pol}")
-          k += 1
-      ax.set(xticks=range(len(bits)), xticklabels=[f"{b} bits" for b in bits], ylabel=label, ylim=ylim,
-             title=f"Exact vs power-of-two step ({_TARGET_NAMES[target]})")
+def plot_policies(rows: Sequence[dict[str, Any]], path: str, title: str = "", metric=None) -> str:
+  """The PNG `path`: bars of the headline metric at the base step per bit-width, one per checkpoint (seeds of an
+  arm: mean, ±1 std whiskers) and rounding policy (exact, power-of-two), a panel per base-step method × target;
+  returns `path`."""
+  from matplotlib.figure import Figure
+
+  metric = metric_of(rows, metric)
+  groups, methods, targets, bits = _dims(rows)
+  series = [(name, cks, pol) for name, cks in groups for pol in _unique(rows, "policy")]
+  width = 0.8 / len(series)
+  fig = Figure(figsize=(6.5 * len(targets), 4.6 * len(methods)))
+  axes = fig.subplots(len(methods), len(targets), squeeze=False)
+  for row, method in zip(axes, methods):
+    for ax, target in zip(row, targets):
+      for k, (name, cks, pol) in enumerate(series):
+        xs, ys, sd = _curve({ck: {i: r[metric.key] for i, b in enumerate(bits) if (r := at_base(
+            rows, checkpoint=ck, target=target, bits=b, policy=pol, method=method))} for ck in cks})
+        ax.bar([x + (k - (len(series) - 1) / 2) * width for x in xs], ys, width, yerr=sd if any(sd) else None,
+               capsize=2, color=f"C{k % 10}", label=f"{name}, {pol}")
+      ax.set(xticks=range(len(bits)), xticklabels=[f"{b} bits" for b in bits], ylabel=metric.label,
+             ylim=(0, metric.best), title=f"Exact vs power-of-two step ({_TARGET_NAMES.get(target, target)}, "
+                                          f"{_step(method)})")
       ax.grid(alpha=0.3, axis="y")
-    _legend(axes[0][-1], n, beside=True)
-    fig.tight_layout()
-    out["pow2"] = os.path.join(out_dir, "pow2.png")
-    fig.savefig(out["pow2"], dpi=110, bbox_inches="tight")
-  return out
+  _legend(axes, beside=True)
+  return _save(fig, path, title)
+
+
+def plot_formats(rows: Sequence[dict[str, Any]], path: str, title: str = "", metric=None) -> str:
+  """The PNG `path`: the headline metric of every number format at its max scaling (bars; seeds of an arm: mean,
+  ±1 std whiskers), and vs the scale ratio where there are several, a column per target; returns `path`."""
+  from matplotlib.figure import Figure
+
+  metric = metric_of(rows, metric)
+  key, label, ylim = metric.key, metric.label, (0, metric.best)
+  groups = _groups(_unique(rows, "checkpoint"))
+  targets, fmts, policy = _unique(rows, "target"), _unique(rows, "format"), _policy(rows)
+  n_rows = 2 if len({r["ratio"] for r in rows}) > 1 else 1
+  fig = Figure(figsize=(max(6.5, 0.9 * len(fmts) + 2) * len(targets), 4.4 * n_rows))
+  axes = fig.subplots(n_rows, len(targets), squeeze=False)
+  width = 0.8 / len(groups)
+  note = "" if policy == "exact" else f", {policy}"
+  for col, target in enumerate(targets):
+    ax = axes[0][col]
+    for gi, (name, cks) in enumerate(groups):
+      xs, ys, sd = _curve({ck: {i: r[key] for i, f in enumerate(fmts)
+                                if (r := at_base(rows, checkpoint=ck, target=target, format=f, policy=policy))}
+                           for ck in cks})
+      ax.bar([x + (gi - (len(groups) - 1) / 2) * width for x in xs], ys, width, yerr=sd if any(sd) else None,
+             capsize=2, color=f"C{gi % 10}", label=name)
+    ax.set(xticks=range(len(fmts)), ylabel=label, ylim=ylim,
+           title=f"number formats at max scaling ({_TARGET_NAMES.get(target, target)}{note})")
+    ax.set_xticklabels(fmts, rotation=30, ha="right", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    if n_rows == 2:
+      ax = axes[1][col]
+      for gi, (name, cks) in enumerate(groups):
+        for fi, f in enumerate(fmts):
+          xs, ys, sd = _curve({ck: {r["ratio"]: r[key] for r in select(rows, checkpoint=ck, target=target, format=f,
+                                                                          policy=policy)} for ck in cks})
+          if xs:
+            _line(ax, xs, ys, sd, _STYLES[gi % 4], f"C{fi % 10}", _MARKERS[gi % len(_MARKERS)], f"{name}, {f}")
+      ax.axvline(1.0, color="grey", lw=0.6)
+      ax.set(xlabel="scale ratio (× the format's max scaling)", ylabel=label, ylim=ylim)
+      ax.grid(alpha=0.3)
+  _legend(axes[:1], beside=True)
+  if n_rows == 2:
+    _legend(axes[1:])
+  return _save(fig, path, title or f"{metric.title} in number formats")

@@ -1,5 +1,7 @@
 """Report plots with seeds: one mean line per arm with a ±1 std band, the values checked against NumPy."""
 
+import os
+
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
@@ -70,3 +72,71 @@ def test_summary_header_names_bits_not_weights():
   rows = rows_of({"a": {1.0: 60.0}}, target="activations")
   table = report.summary_table(rows)
   assert "| method | 4 bits Δ̃ / worst / pow2 |" in table.splitlines()[0] and "W4" not in table
+
+
+def grid_rows(methods=("mse", "lapq"), policies=("exact",), bits=(2, 4), ratios=(0.8, 1.0, 1.2)):
+  """One checkpoint on an integer grid; top-1 a distinct function of every coordinate."""
+  return [{"checkpoint": "a", "format": "", "bits": b, "ratio": r, "policy": p, "method": m, "target": "weights",
+           "top1": 10.0 * b + 30.0 * mi + 5.0 * pi - 20.0 * abs(r - 1.0), "top5": 0.0, "loss": 0.0, "count": 1}
+          for mi, m in enumerate(methods) for pi, p in enumerate(policies) for b in bits for r in ratios]
+
+
+def lines_of(ax) -> dict[str, np.ndarray]:
+  return {ln.get_label(): ln.get_ydata() for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+
+
+def expected(rows, **match):
+  """NumPy reference: the top-1 values of the matching rows, in ascending order of the x the plot uses."""
+  pts = sorted((r["ratio"] if "bits" in match else r["bits"], r["top1"]) for r in rows
+               if all(r[k] == v for k, v in match.items()))
+  return np.array([y for _, y in pts])
+
+
+def test_every_base_step_method_is_drawn_and_every_returned_file_exists(tmp_path, figures):
+  rows = grid_rows(policies=("exact", "pow2_nearest"))
+  paths = report.plot_all(rows, str(tmp_path))
+  assert set(paths) == {"ratio", "bits", "pow2"} and all(os.path.getsize(p) > 0 for p in paths.values())
+  ratio, bits, pow2 = figures
+  for method in ("mse", "lapq"):
+    (ax,) = [ax for ax in ratio.axes if f"base step {method}" in ax.get_title()]
+    got = lines_of(ax)
+    assert set(got) == {"a, 2 bits", "a, 4 bits"}
+    for b in (2, 4):
+      np.testing.assert_allclose(got[f"a, {b} bits"], expected(rows, method=method, bits=b, policy="exact"))
+    (ax,) = [ax for ax in bits.axes if f"base step {method}" in ax.get_title()]
+    np.testing.assert_allclose(lines_of(ax)["a, weights"], expected(rows, method=method, ratio=1.0, policy="exact"))
+    (ax,) = [ax for ax in pow2.axes if f"base step {method}" in ax.get_title()]
+    heights = [bar.get_height() for c in ax.containers for bar in c]  # exact at 2, 4 bits, then pow2_nearest
+    want = [expected(rows, method=method, ratio=1.0, policy=p) for p in ("exact", "pow2_nearest")]
+    np.testing.assert_allclose(heights, np.concatenate(want))
+
+
+def test_a_grid_without_exact_steps_draws_its_policy(tmp_path, figures):
+  rows = grid_rows(methods=("mse",), policies=("pow2_ceil",))
+  assert set(report.plot_all(rows, str(tmp_path))) == {"ratio", "bits"}
+  ax = figures[0].axes[0]
+  assert "pow2_ceil" in ax.get_title()
+  np.testing.assert_allclose(lines_of(ax)["a, 4 bits"], expected(rows, bits=4))
+
+
+def test_every_number_format_is_drawn(tmp_path, figures):
+  fmts = ("int4", "mxfp4", "nvfp4")
+  rows = [{"checkpoint": "a", "format": f, "bits": 0, "ratio": r, "policy": "exact", "method": "max",
+           "target": "weights", "top1": 40.0 + 7.0 * i + 10.0 * r, "top5": 0.0, "loss": 0.0, "count": 1}
+          for i, f in enumerate(fmts) for r in (0.5, 1.0)]
+  assert set(report.plot_all(rows, str(tmp_path))) == {"formats"}
+  bars, curves = figures[0].axes
+  np.testing.assert_allclose([b.get_height() for b in bars.containers[0]], [40.0 + 7.0 * i + 10.0 for i in range(3)])
+  assert [t.get_text() for t in bars.get_xticklabels()] == list(fmts)
+  got = lines_of(curves)
+  for i, f in enumerate(fmts):
+    np.testing.assert_allclose(got[f"a, {f}"], [40.0 + 7.0 * i + 5.0, 40.0 + 7.0 * i + 10.0])
+
+
+def test_summary_has_a_row_per_method_and_at_base_is_the_ratio_nearest_one():
+  rows = grid_rows()
+  assert report.at_base(rows, method="lapq", bits=4)["top1"] == 70.0 and report.at_base(rows, bits=3) is None
+  assert len(report.select(rows, method="lapq", bits=2)) == 3
+  table = report.summary_table(rows)
+  assert "| a | weights | mse | 20.0 / 16.0 / – | 40.0 / 36.0 / – |" in table
+  assert "| a | weights | lapq | 50.0 / 46.0 / – | 70.0 / 66.0 / – |" in table
