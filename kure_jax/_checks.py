@@ -30,6 +30,18 @@ def check_nonempty(fn: str, name: str, x: Any) -> None:
     raise ValueError(f"{fn}: `{name}` is empty (shape {np.shape(x)}); it needs at least one element.")
 
 
+SETTING_BITS = (2, 16)  # the bit-widths a quantizer setting (a sweep, QAT, LAPQ) accepts
+
+
+def whole_bits(value: Any, lo: int = SETTING_BITS[0], hi: int = SETTING_BITS[1]) -> bool:
+  """Whether a setting's `value` is a whole number of bits in lo…hi: the one rule the config checks share."""
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    return False
+  return v.is_integer() and lo <= v <= hi
+
+
 def check_bits(fn: str, bits: Any, lo: int = 1, hi: int = 16) -> None:
   """Raise if concrete `bits` are not integers in [lo, hi]."""
   b = concrete(bits)

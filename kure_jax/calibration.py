@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kure_jax import tree_paths
 from kure_jax.models.layers import INTERMEDIATES
 
 def act_grid(values: np.ndarray | jax.Array) -> str:
@@ -44,10 +45,7 @@ def _layer_samples(model, paths: tuple[str, ...], per_layer: int, variables: dic
   inter = model.apply(variables, *inputs, mutable=[INTERMEDIATES])[1][INTERMEDIATES]
   out = {}
   for i, p in enumerate(paths):
-    node = inter
-    for part in p.split("/")[:-1]:
-      node = node[part]
-    v = node["input"][0].reshape(-1)
+    v = tree_paths.sown_input(inter, p).reshape(-1)
     if v.size > per_layer:
       v = jax.random.choice(jax.random.fold_in(key, i), v, (per_layer,), replace=False)
     out[p] = v

@@ -16,16 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
-def _leaf(tree: dict, path: str) -> jax.Array:
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
+from kure_jax import tree_paths
 
 
 def gradient_l1(grads: Any, paths: Sequence[str]) -> jax.Array:
   """‖g‖₁ summed over the kernels at `paths` ('block/conv/kernel') of a gradient tree."""
-  return sum(jnp.sum(jnp.abs(_leaf(grads, p))) for p in paths)
+  return sum(jnp.sum(jnp.abs(tree_paths.leaf(grads, p))) for p in paths)
 
 
 def with_gradient_l1(loss_fn: Callable[..., tuple[jax.Array, Any]], params: Any, paths: Sequence[str],

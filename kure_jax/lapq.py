@@ -29,9 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import quant as Q
+from kure_jax import tree_paths
+from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid, record_activations
 from kure_jax.errors import UserError
-from kure_jax.models.layers import BIAS_CORRECTIONS, quant_collection
+from kure_jax.models.layers import BIAS_CORRECTIONS, LayerQuant, quant_collection
+from kure_jax.qat import dorefa_normalization
 from kure_jax.tasks import classification_sums
 
 DEFAULT_PS = (2.0, 2.5, 3.0)
@@ -127,17 +130,14 @@ class Lapq:
     self.data = _calibration_arrays(calibration, chunk_size)
     self.kernels = {}
     for p in self.paths:
-      k = self.variables["params"]
-      for part in p.split("/"):
-        k = k[part]
+      k = tree_paths.leaf(self.variables["params"], p)
       self.kernels[p] = Q.tanh_normalize(k) if dorefa else k
     self.acts: dict[str, np.ndarray] = {}
     self.act_grids: dict[str, str] = {}
     if quantize_acts:
       recording = self.variables
       if dorefa:
-        recording = dict(self.variables, quant=quant_collection(None, {p: {"w_tanh": jnp.asarray(True)}
-                                                                      for p in self.paths}))
+        recording = dict(self.variables, quant=dorefa_normalization(self.paths))
       self.acts = record_activations(model, recording, list(self.data["image"]), self.paths, max_act_values)
       self.act_grids = {p: (act_grids or {}).get(p) or act_grid(v)
                         for p, v in self.acts.items()}
@@ -151,14 +151,10 @@ class Lapq:
     n = len(self.paths)
     layers = {}
     for i, p in enumerate(self.paths):
-      entry = {"w_bits": bits if self.quantize_weights else jnp.zeros_like(bits), "w_step": profiles[p] * steps[i]}
-      if self.dorefa:
-        entry["w_tanh"] = jnp.asarray(True)
-      if self.bias_correction:
-        entry["w_bias_corr"] = jnp.asarray(self.bias_correction)
-      if self.quantize_acts:
-        entry.update(a_bits=bits, a_step=steps[n + i])
-      layers[p] = entry
+      layers[p] = LayerQuant(
+          w_bits=bits if self.quantize_weights else jnp.zeros_like(bits), w_step=profiles[p] * steps[i],
+          w_tanh=True if self.dorefa else None, w_bias_corr=self.bias_correction or None,
+          a_bits=bits if self.quantize_acts else None, a_step=steps[n + i] if self.quantize_acts else None)
     q = quant_collection(None, layers)
 
     def one(chunk):
@@ -202,7 +198,7 @@ class Lapq:
     """LAPQ at `bits`: Lp steps for each p, p* by the quadratic fit, then Powell; the best point seen."""
     from scipy import optimize
 
-    if not float(bits).is_integer() or not 2 <= bits <= 16:
+    if not whole_bits(bits):
       raise UserError(f"LAPQ: bits {bits} is outside 2…16 (whole numbers).")
     if iterations < 1:
       raise UserError(f"LAPQ: iterations must be ≥ 1 (Powell iterations), got {iterations}.")

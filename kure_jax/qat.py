@@ -32,10 +32,12 @@ import ml_collections
 import numpy as np
 
 from kure_jax import quant as Q
+from kure_jax import tree_paths
+from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import kernel_selection, select_kernels
-from kure_jax.models.layers import INTERMEDIATES, quant_collection
+from kure_jax.models.layers import INTERMEDIATES, LayerQuant, quant_collection
 
 METHODS = ("none", "dorefa", "lsq")
 MIN_STEP = 1e-8  # learned steps are kept above this (an SGD step could push one through zero)
@@ -70,7 +72,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     return
   for field, lo in (("w_bits", 2), ("a_bits", 0)):
     b = q[field]
-    if not float(b).is_integer() or not (b == 0 and lo == 0 or 2 <= b <= 16):
+    if not (b == 0 and lo == 0 or whole_bits(b)):
       also = " (0 keeps activations in float)" if lo == 0 else ""
       raise UserError(f"config.quant.{field} is {b}; QAT needs whole bits in 2…16{also}.")
   grid = dict(config.get("model_kwargs", {})).get("weight_grid")
@@ -113,13 +115,7 @@ def layer_inputs(model, variables: dict, images: np.ndarray, paths: Sequence[str
   """The input each selected layer receives for `images` (eval mode, float)."""
   _, inter = model.apply({"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
                          images, mutable=[INTERMEDIATES])
-  out = {}
-  for p in paths:
-    node = inter[INTERMEDIATES]
-    for part in p.split("/")[:-1]:
-      node = node[part]
-    out[p] = node["input"][0]
-  return out
+  return {p: tree_paths.sown_input(inter[INTERMEDIATES], p) for p in paths}
 
 
 def dorefa_steps(bits: jax.Array | int) -> tuple[jax.Array, jax.Array]:
@@ -167,19 +163,25 @@ def quant_for_training(spec: QatSpec, qsteps: dict, weight_grid: str = "signed")
   layers = {}
   for p in spec.paths:
     if spec.method == "dorefa":
-      entry = {"w_bits": jnp.asarray(spec.w_bits), "w_step": dorefa_steps(spec.w_bits)[0],
-               "w_tanh": jnp.asarray(True)}
-      if spec.a_bits:
-        entry.update(a_bits=jnp.asarray(spec.a_bits), a_step=dorefa_steps(spec.a_bits)[1])
+      w_step, a_step = dorefa_steps(spec.w_bits)[0], dorefa_steps(spec.a_bits)[1] if spec.a_bits else None
+      tanh = jnp.asarray(True)
     else:
       s = qsteps[p]
       w_step = Q.grad_scale(jnp.maximum(s["w_step"], MIN_STEP), lsq_scale(spec.w_counts[p], spec.w_bits, weight_grid))
-      entry = {"w_bits": jnp.asarray(spec.w_bits), "w_step": w_step}
+      a_step = None
       if spec.a_bits:
         g = lsq_scale(spec.a_counts[p], spec.a_bits, spec.act_grids[p])
-        entry.update(a_bits=jnp.asarray(spec.a_bits), a_step=Q.grad_scale(jnp.maximum(s["a_step"], MIN_STEP), g))
-    layers[p] = entry
+        a_step = Q.grad_scale(jnp.maximum(s["a_step"], MIN_STEP), g)
+      tanh = None
+    layers[p] = LayerQuant(w_bits=spec.w_bits, w_step=w_step, w_tanh=tanh,
+                           a_bits=spec.a_bits if spec.a_bits else None, a_step=a_step)
   return quant_collection(None, layers)
+
+
+def dorefa_normalization(paths: Sequence[str]) -> dict:
+  """The 'quant' collection that only normalizes the weights at `paths` as DoReFa does (tanh(w)/max|tanh w|):
+  what a DoReFa model's layers see, quantized or not (e.g. while recording calibration activations)."""
+  return quant_collection(None, {p: LayerQuant(w_tanh=True) for p in paths})
 
 
 def learned_steps(meta: dict[str, Any], qsteps: dict) -> dict[str, dict[str, jax.Array]]:

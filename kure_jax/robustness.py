@@ -46,10 +46,13 @@ import numpy as np
 from kure_jax import formats as formats_lib
 from kure_jax import qat as qat_lib
 from kure_jax import quant as Q
+from kure_jax import step_providers
+from kure_jax import tree_paths
+from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid, record_activations
 from kure_jax.errors import UserError
 from kure_jax.kurtosis import select_kernels
-from kure_jax.models.layers import BIAS_CORRECTIONS, quant_collection
+from kure_jax.models.layers import BIAS_CORRECTIONS, LayerQuant, quant_collection
 from kure_jax.tasks import CLASSIFICATION, Task
 
 POLICIES = ("exact", "pow2_nearest", "pow2_floor", "pow2_ceil")
@@ -85,7 +88,7 @@ class Grid:
         if v not in allowed:
           raise UserError(f"grid.{name}: unknown {v!r}; choose from {', '.join(allowed)}.")
     for b in self.bits:
-      if not float(b).is_integer() or not 2 <= b <= 16:
+      if not whole_bits(b):
         raise UserError(f"grid.bits: {b} is outside 2…16 (whole numbers).")
     if not self.bits and not self.formats:
       raise UserError("grid.bits is empty (and there are no grid.formats).")
@@ -130,16 +133,6 @@ def _apply_policy(step: jax.Array, policy_id: jax.Array) -> jax.Array:
   return jnp.select([policy_id == POLICIES.index(p) for p in _POW2], [2.0 ** f(e) for f in _POW2.values()], step)
 
 
-def _leaf(tree: dict, path: str) -> jax.Array:
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
-
-
-def _method_fn(method: str) -> Callable[..., jax.Array]:
-  return Q.STEP_METHODS[method]
-
-
 def quantized_paths(params: dict, *, qat: dict[str, Any] | None = None, paths: Sequence[str] | None = None,
                     include=None, exclude=None, skip_stem: bool = True, skip_head: bool = True) -> list[str]:
   """The kernels a sweep quantizes: a QAT checkpoint's own, else `paths`, else `select_kernels`' choice."""
@@ -178,41 +171,27 @@ def _compiled(plan: _Plan):
   return jax.jit(functools.partial(_compute_base_steps, plan)), jax.jit(functools.partial(_batch_sums, plan))
 
 
-def _transform_collection(paths: Sequence[str]) -> dict:
-  """The quant entries every point carries: DoReFa's tanh normalization of the weights."""
-  return quant_collection(None, {p: {"w_tanh": jnp.asarray(True)} for p in paths})
-
-
 def _compute_base_steps(plan: _Plan, params: dict, acts: dict, bits: jax.Array, lapq: dict, learned: dict) -> dict:
   """{'w'|'a': {path: steps[method, bits, (C)]}}: Δ̃ for every layer, method and bit-width."""
   grid = plan.grid
   act_grids = dict(plan.act_grids)
-  kernels = {p: _leaf(params, p) for p in plan.paths}
+  kernels = {p: tree_paths.leaf(params, p) for p in plan.paths}
   if plan.dorefa:  # the weights DoReFa quantizes are the normalized ones
     kernels = {p: Q.tanh_normalize(k) for p, k in kernels.items()}
-  axis = -1 if grid.granularity == "channel" else None
-
-  def weight_steps(p, k, m):
+  channel = grid.granularity == "channel"
+  tables = []
+  for m in grid.methods:  # one step table per method, from its provider
     if m == "learned":
-      s = qat_lib.rescale_step(learned[p]["w"], plan.qat_bits[0], bits)
-      return s[:, None] * jnp.ones(k.shape[-1]) if axis is not None else s
-    if m == "lapq":
-      return lapq["w"][p]
-    return jax.vmap(lambda b: _method_fn(m)(k, b, plan.pick_grid, axis=axis))(bits)
-
-  def act_steps(p, v, m):
-    if m == "learned":
-      return qat_lib.rescale_step(learned[p]["a"], plan.qat_bits[1], bits)
-    if m == "lapq":
-      return lapq["a"][p]
-    return jax.vmap(lambda b: _method_fn(m)(v, b, act_grids[p]))(bits)
-
-  w = {p: jnp.stack([weight_steps(p, k, m) for m in grid.methods]) for p, k in kernels.items()}
-  a = {p: jnp.stack([act_steps(p, v, m) for m in grid.methods]) for p, v in acts.items()}
-  out = {"w": w, "a": a}
+      tables.append(step_providers.learned_table(learned, plan.qat_bits, bits, kernels, list(acts), channel=channel))
+    elif m == "lapq":  # precomputed on the host (`Sweep.__init__`)
+      tables.append(lapq)
+    else:
+      tables.append(step_providers.statistic_table(m, kernels, acts, bits, weight_grid=plan.pick_grid,
+                                                   act_grids=act_grids, channel=channel))
+  out = step_providers.stack(tables)
   if grid.formats:  # each format's max scaling: (n_formats,) per tensor or (n_formats, 1, …, C) per channel
     fs = grid.formats
-    out["wf"] = {p: formats_lib.max_scales(k, fs, channel_axis=-1 if axis is not None else None)
+    out["wf"] = {p: formats_lib.max_scales(k, fs, channel_axis=-1 if channel else None)
                  for p, k in kernels.items()}
     out["af"] = {p: formats_lib.max_scales(v, fs) for p, v in acts.items()}
   return out
@@ -226,22 +205,22 @@ def _quant_for_point(plan: _Plan, base: dict, pt: dict) -> dict:
   for p in plan.paths:
     w_base = base["w"][p][pt["method"], pt["bit_idx"]]
     w_step = _apply_policy(w_base / pt["ratio"] if sliding else w_base * pt["ratio"], pt["policy"])
-    entry = {"w_bits": jnp.where(pt["w_on"], pt["bits"], 0), "w_step": w_step}
-    if plan.dorefa:
-      entry["w_tanh"] = jnp.asarray(True)
-    if grid.bias_correction != "none":
-      entry["w_bias_corr"] = jnp.asarray(BIAS_CORRECTIONS.index(grid.bias_correction))
-    if grid.formats:  # the number-format path of the hook (fmt −1: the integer grid above)
-      entry.update(w_fmt=jnp.where(pt["w_on"], pt["fmt"], -1),
-                   w_scale=_apply_policy(base["wf"][p][pt["fmt_idx"]], pt["policy"]), w_ratio=pt["ratio"])
+    fmt = grid.formats != ()  # the number-format path of the hook (fmt −1: the integer grid above)
+    spec = LayerQuant(
+        w_bits=jnp.where(pt["w_on"], pt["bits"], 0), w_step=w_step,
+        w_tanh=True if plan.dorefa else None,
+        w_bias_corr=BIAS_CORRECTIONS.index(grid.bias_correction) if grid.bias_correction != "none" else None,
+        w_fmt=jnp.where(pt["w_on"], pt["fmt"], -1) if fmt else None,
+        w_scale=_apply_policy(base["wf"][p][pt["fmt_idx"]], pt["policy"]) if fmt else None,
+        w_ratio=pt["ratio"] if fmt else None)
     if p in base["a"]:
       a_ratio = 1.0 if sliding else pt["ratio"]  # sliding perturbs the weights only
       a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * a_ratio, pt["policy"])
-      entry.update(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
-      if grid.formats:
-        entry.update(a_fmt=jnp.where(pt["a_on"], pt["fmt"], -1),
-                     a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"])
-    layers[p] = entry
+      spec = spec.replace(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
+      if fmt:
+        spec = spec.replace(a_fmt=jnp.where(pt["a_on"], pt["fmt"], -1),
+                            a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"])
+    layers[p] = spec
   return quant_collection(None, layers)
 
 
@@ -312,7 +291,7 @@ class Sweep:
     if needs_acts and "learned" in grid.methods and any(v["a"] is None for v in self._learned.values()):
       raise UserError("grid.methods 'learned' with activations: this checkpoint learned no activation steps "
                       "(trained with quant.a_bits=0); use targets=('weights',) or another method.")
-    recording = dict(self.variables, quant=_transform_collection(self.paths)) if self.dorefa else self.variables
+    recording = dict(self.variables, quant=qat_lib.dorefa_normalization(self.paths)) if self.dorefa else self.variables
     inputs = ([task.inputs(b) if isinstance(b, Mapping) else b for b in calibration] if needs_acts else [])
     acts = record_activations(model, recording, inputs, self.paths) if needs_acts else {}
     self.act_grids = {p: act_grid(v) for p, v in acts.items()}
@@ -343,36 +322,12 @@ class Sweep:
                        qat_bits=(int(qat["w_bits"]), int(qat["a_bits"] or qat["w_bits"])) if qat else None,
                        chunk=self.chunk)
     self._base_steps, self._score_batch = _compiled(self._plan)  # shared by every sweep of this plan
-    self._lapq = self._lapq_tables(lapq_steps) if "lapq" in grid.methods else {}
-
-  def _lapq_tables(self, given) -> dict:
-    """The precomputed LAPQ steps of every bit-width as base-step tables {'w'|'a': {path: steps[bits, (C)]}}."""
-    given = {int(b): v for b, v in given.items()}
-    w, a = {}, {}
-    for p in self.paths:
-      rows_w, rows_a = [], []
-      for b in self.grid.bits:
-        entry = given[b].get(p)
-        if entry is None:
-          raise UserError(f"lapq_steps[{b}] has no steps for layer {p!r}; give every quantized layer.")
-        step = np.asarray(entry["w"], np.float32)
-        channels = _leaf(self.variables["params"], p).shape[-1]
-        if self.grid.granularity == "channel" and step.ndim == 0:
-          step = np.full(channels, step, np.float32)
-        expected = (channels,) if self.grid.granularity == "channel" else ()
-        if step.shape != expected:
-          raise UserError(f"lapq_steps[{b}][{p!r}]['w'] has shape {step.shape}, but granularity "
-                          f"{self.grid.granularity!r} needs {expected or 'a scalar'}; compute the steps "
-                          "with the grid's granularity.")
-        rows_w.append(step)
-        if self._acts:
-          if entry.get("a") is None:
-            raise UserError(f"lapq_steps[{b}][{p!r}] has no activation step; the grid quantizes activations.")
-          rows_a.append(np.float32(entry["a"]))
-      w[p] = jnp.asarray(np.stack(rows_w))
-      if self._acts:
-        a[p] = jnp.asarray(np.stack(rows_a))
-    return {"w": w, "a": a}
+    self._lapq = {}
+    if "lapq" in grid.methods:
+      kernels = {p: tree_paths.leaf(self.variables["params"], p) for p in self.paths}
+      self._lapq = step_providers.precomputed_table(lapq_steps, self.grid.bits, kernels,
+                                                    channel=self.grid.granularity == "channel",
+                                                    with_acts=bool(self._acts))
 
   def _quant_for_point(self, base: dict, pt: dict) -> dict:
     """The "quant" collection of one grid point (traced inside the scorer; here for inspection)."""

@@ -1,22 +1,11 @@
 """Conv and dense layers whose kernel and input pass through a quantization hook.
 
 The hook is the identity unless the ``"quant"`` variable collection is given at
-``apply`` time. That collection mirrors the module tree and holds, per layer, arrays
-(never Python values, so one compiled function serves every setting and ``jax.vmap``
-can sweep them):
-
-  w_bits, w_step   weight bit-width and step (scalar, or per output channel)
-  a_bits, a_step   input-activation bit-width and step (scalar)
-  w_tanh           optional: normalize the kernel to tanh(w)/max|tanh w| first (DoReFa)
-  w_bias_corr      optional: bias correction of the quantized kernel per output channel
-                   (0 none, 1 restore the float mean, 2 restore the float mean and std;
-                   see `bias_correct`)
-  w_fmt, w_scale, w_ratio   optional: a number format of `kure_jax.formats` (an index into
-                   `formats.FORMATS`; −1 keeps the integer grid above), its scale (per tensor or
-                   per channel) and a step ratio; block formats run along the kernel's input axis
-  a_fmt, a_scale, a_ratio   the same for the input activation (blocks along its channels)
-
-A bit-width of 0 means "leave in float", so a vmapped sweep can switch weight or
+``apply`` time. That collection mirrors the module tree and holds, per layer, the fields
+of a `LayerQuant` (its schema; `quant_collection` is the one builder, and every user
+builds `LayerQuant`s: QAT, the robustness sweep, LAPQ). Its values are arrays, never
+Python values, so one compiled function serves every setting and ``jax.vmap`` can sweep
+them. A bit-width of 0 means "leave in float", so a vmapped sweep can switch weight or
 activation quantization on and off without recompiling. What is static (the grid,
 which side of ReLU a layer's input is on) is a module attribute.
 
@@ -27,15 +16,18 @@ regularization read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from kure_jax import formats as F
 from kure_jax import quant as Q
+from kure_jax import tree_paths
 from kure_jax.kurtosis import kernel_leaves
 from kure_jax.models.conv import conv2d
 
@@ -70,27 +62,89 @@ def bias_correct(q: jax.Array, w: jax.Array, mode: jax.Array | int) -> jax.Array
   return jnp.where(mode > 0, corrected, qf).astype(q.dtype)
 
 
-def quant_hook(mdl: nn.Module, x: jax.Array, kernel: jax.Array, *, weight_grid: str, act_grid: str) -> tuple[jax.Array, jax.Array]:
-  """Route a layer's input and kernel through the quantizers named in the 'quant' collection."""
+@struct.dataclass
+class LayerQuant:
+  """How one layer is quantized at apply time: the schema of its entries in the 'quant' collection.
+
+  Every field is an array (traced in sweeps) or None (absent: that quantizer is off). Fields come in
+  groups that must be given together:
+
+    w_bits, w_step     weight bit-width (0: float) and step (scalar, or per output channel)
+    w_tanh             DoReFa: normalize the kernel to tanh(w)/max|tanh w| first
+    w_bias_corr        bias correction of the quantized kernel per output channel, an index into
+                       `BIAS_CORRECTIONS` (see `bias_correct`); needs w_bits
+    w_fmt, w_scale, w_ratio   a number format of `kure_jax.formats` (an index into `formats.FORMATS`;
+                       −1 keeps the integer grid above), its scale (per tensor or per channel) and a step
+                       ratio; block formats run along the kernel's input axis
+    a_bits, a_step     input-activation bit-width (0: float) and step (scalar)
+    a_fmt, a_scale, a_ratio   the number format of the input activation (blocks along its channels)
+  """
+
+  w_bits: Any = None
+  w_step: Any = None
+  w_tanh: Any = None
+  w_bias_corr: Any = None
+  w_fmt: Any = None
+  w_scale: Any = None
+  w_ratio: Any = None
+  a_bits: Any = None
+  a_step: Any = None
+  a_fmt: Any = None
+  a_scale: Any = None
+  a_ratio: Any = None
+
+  GROUPS = (("w_bits", "w_step"), ("w_fmt", "w_scale", "w_ratio"), ("a_bits", "a_step"),
+            ("a_fmt", "a_scale", "a_ratio"))
+
+  def __post_init__(self):
+    for group in self.GROUPS:
+      given = [getattr(self, f) is not None for f in group]
+      if any(given) and not all(given):
+        missing = [f for f, g in zip(group, given) if not g]
+        raise ValueError(f"LayerQuant: {', '.join(group)} go together; missing {', '.join(missing)}.")
+    if self.w_bias_corr is not None and self.w_bits is None:
+      raise ValueError("LayerQuant: w_bias_corr corrects the integer-grid weights; it needs w_bits and w_step.")
+
+  def entries(self) -> dict[str, jax.Array]:
+    """The collection entries: the fields that are set, as arrays."""
+    return {f.name: jnp.asarray(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+  @classmethod
+  def read(cls, mdl: nn.Module) -> "LayerQuant":
+    """The spec a module finds in the 'quant' collection (all None when there is none)."""
+    return cls(**{f.name: mdl.get_variable(QUANT, f.name) for f in dataclasses.fields(cls)
+                  if mdl.has_variable(QUANT, f.name)})
+
+  def quantize_weight(self, kernel: jax.Array, weight_grid: str) -> jax.Array:
+    """The kernel through the weight quantizers that are set: DoReFa's normalization, the integer grid (+ bias
+    correction), then a number format."""
+    if self.w_tanh is not None:
+      kernel = jnp.where(self.w_tanh, Q.tanh_normalize(kernel), kernel)
+    if self.w_bits is not None:
+      quantized = _maybe_quantize(kernel, self.w_step, self.w_bits, weight_grid)
+      if self.w_bias_corr is not None:  # only where the kernel is quantized (bits > 0)
+        quantized = bias_correct(quantized, kernel, jnp.where(jnp.asarray(self.w_bits) > 0, self.w_bias_corr, 0))
+      kernel = quantized
+    if self.w_fmt is not None:
+      kernel = _maybe_format(kernel, self.w_fmt, self.w_scale, self.w_ratio, axis=-2)
+    return kernel
+
+  def quantize_input(self, x: jax.Array, act_grid: str) -> jax.Array:
+    """The layer's input through the activation quantizers that are set."""
+    if self.a_bits is not None:
+      x = _maybe_quantize(x, self.a_step, self.a_bits, act_grid)
+    if self.a_fmt is not None:
+      x = _maybe_format(x, self.a_fmt, self.a_scale, self.a_ratio, axis=-1)
+    return x
+
+
+def quant_hook(mdl: nn.Module, x: jax.Array, kernel: jax.Array, *, weight_grid: str,
+               act_grid: str) -> tuple[jax.Array, jax.Array]:
+  """Route a layer's input and kernel through the quantizers its `LayerQuant` in the 'quant' collection sets."""
   if mdl.is_mutable_collection(INTERMEDIATES):
     mdl.sow(INTERMEDIATES, "input", x)
-  if mdl.has_variable(QUANT, "w_tanh"):
-    kernel = jnp.where(mdl.get_variable(QUANT, "w_tanh"), Q.tanh_normalize(kernel), kernel)
-  if mdl.has_variable(QUANT, "w_bits"):
-    w_step = mdl.get_variable(QUANT, "w_step")  # () or (C_out,), broadcasts along the last axis
-    w_bits = mdl.get_variable(QUANT, "w_bits")
-    quantized = _maybe_quantize(kernel, w_step, w_bits, weight_grid)
-    if mdl.has_variable(QUANT, "w_bias_corr"):  # only where the kernel is quantized (bits > 0)
-      mode = jnp.where(jnp.asarray(w_bits) > 0, mdl.get_variable(QUANT, "w_bias_corr"), 0)
-      quantized = bias_correct(quantized, kernel, mode)
-    kernel = quantized
-  if mdl.has_variable(QUANT, "w_fmt"):
-    kernel = _maybe_format(kernel, *(mdl.get_variable(QUANT, k) for k in ("w_fmt", "w_scale", "w_ratio")), axis=-2)
-  if mdl.has_variable(QUANT, "a_bits"):
-    x = _maybe_quantize(x, mdl.get_variable(QUANT, "a_step"), mdl.get_variable(QUANT, "a_bits"), act_grid)
-  if mdl.has_variable(QUANT, "a_fmt"):
-    x = _maybe_format(x, *(mdl.get_variable(QUANT, k) for k in ("a_fmt", "a_scale", "a_ratio")), axis=-1)
-  return x, kernel
+  spec = LayerQuant.read(mdl)
+  return spec.quantize_input(x, act_grid), spec.quantize_weight(kernel, weight_grid)
 
 
 def _maybe_format(x: jax.Array, fmt: jax.Array, scale: jax.Array, ratio: jax.Array, *, axis: int) -> jax.Array:
@@ -158,28 +212,29 @@ class QDense(nn.Module):
     return y
 
 
-def quant_collection(params: Any, layers: dict[str, dict[str, jax.Array]]) -> dict:
-  """Build the 'quant' collection from {kernel path: {'w_bits': .., 'w_step': .., ...}}.
+def quant_collection(params: Any, layers: Mapping[str, LayerQuant | Mapping[str, Any]]) -> dict:
+  """The 'quant' collection of {kernel path: LayerQuant}: the one builder of what the hook reads.
 
-  Paths are those of `kure_jax.select_kernels` ('block/conv/kernel'); the entries land
-  beside each kernel's module, mirroring the params tree. With `params` given, every
+  Paths are those of `kure_jax.select_kernels` ('block/conv/kernel'); each spec's entries land
+  beside its kernel's module, mirroring the params tree. A plain mapping is read as
+  ``LayerQuant(**mapping)`` (so a misspelled field is an error). With `params` given, every
   path must name one of its kernels (a typo would otherwise silently quantize nothing).
   """
   known = None
   if params is not None:
     known = {p.removeprefix("params/") for p in kernel_leaves(params)}
-  out: dict = {}
-  for path, entries in layers.items():
-    parts = path.split("/")
-    if parts[0] == "params":
-      parts = parts[1:]
-    if parts[-1] != "kernel":
+  entries = {}
+  for path, spec in layers.items():
+    if tree_paths.parts(path)[-1] != "kernel":
       raise ValueError(f"quant_collection: {path!r} is not a kernel path.")
-    if known is not None and "/".join(parts) not in known:
+    if known is not None and "/".join(tree_paths.parts(path)) not in known:
       raise ValueError(f"quant_collection: {path!r} is not a kernel of these params "
                        f"(kernels: {', '.join(sorted(known))}).")
-    node = out
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node.update(entries)
-  return out
+    if not isinstance(spec, LayerQuant):
+      unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(LayerQuant)})
+      if unknown:
+        raise ValueError(f"quant_collection: {path!r} has unknown entries {', '.join(unknown)} "
+                         "(see kure_jax.models.layers.LayerQuant).")
+      spec = LayerQuant(**spec)
+    entries[path] = spec.entries()
+  return tree_paths.at_modules(entries)

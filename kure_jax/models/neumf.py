@@ -35,8 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kure_jax import quant as Q
-from kure_jax.models.layers import QUANT, QDense, _maybe_format, _maybe_quantize, bias_correct
+from kure_jax.models.layers import LayerQuant, QDense
 
 embedding_init = nn.initializers.normal(stddev=0.01)
 mlp_init = nn.initializers.glorot_uniform()
@@ -44,22 +43,9 @@ prediction_init = nn.initializers.lecun_uniform()
 
 
 def quant_weight(mdl: nn.Module, kernel: jax.Array, *, weight_grid: str) -> jax.Array:
-  """The weight half of `kure_jax.models.layers.quant_hook`: the same 'quant' entries, the same order.
-
-  For tables, whose input is a one-hot id: the hook itself would sow and quantize an input there is none of.
-  """
-  if mdl.has_variable(QUANT, "w_tanh"):
-    kernel = jnp.where(mdl.get_variable(QUANT, "w_tanh"), Q.tanh_normalize(kernel), kernel)
-  if mdl.has_variable(QUANT, "w_bits"):
-    w_bits = mdl.get_variable(QUANT, "w_bits")
-    quantized = _maybe_quantize(kernel, mdl.get_variable(QUANT, "w_step"), w_bits, weight_grid)
-    if mdl.has_variable(QUANT, "w_bias_corr"):
-      mode = jnp.where(jnp.asarray(w_bits) > 0, mdl.get_variable(QUANT, "w_bias_corr"), 0)
-      quantized = bias_correct(quantized, kernel, mode)
-    kernel = quantized
-  if mdl.has_variable(QUANT, "w_fmt"):
-    kernel = _maybe_format(kernel, *(mdl.get_variable(QUANT, k) for k in ("w_fmt", "w_scale", "w_ratio")), axis=-2)
-  return kernel
+  """The weight half of `kure_jax.models.layers.quant_hook`, for tables, whose input is a one-hot id: the hook
+  itself would sow and quantize an input there is none of."""
+  return LayerQuant.read(mdl).quantize_weight(kernel, weight_grid)
 
 
 class QEmbed(nn.Module):
