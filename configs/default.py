@@ -118,6 +118,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.lapq_iterations = 2          # method lapq: Powell iterations (SciPy maxiter)
   c.eval.lapq_max_evals = config_dict.placeholder(int)  # method lapq: optional cap on loss evaluations (SciPy maxfev)
 
+  # train.py: a small robustness grid scored at every epoch evaluation (eval.py's sweep on the layers config.kure
+  # selects, or a QAT run's own), logged in the eval record as sweep/<w|a|wa><bits>_r<ratio>/<metric>
+  c.train_sweep = ml_collections.ConfigDict()
+  c.train_sweep.bits = ()             # bit-widths, 2…16; () turns the sweep off
+  c.train_sweep.ratios = (1.0,)       # step ratios Δ/Δ̃
+  c.train_sweep.targets = ("weights",)  # weights | activations | both (activation steps: calibrated on a random
+                                      # eval_batch_size sample of the train split; ranking: the first train batch)
+  c.train_sweep.method = "mse"        # base step Δ̃: mse | max | aciq_gauss | aciq_laplace | learned (QAT runs)
+  c.train_sweep.batches = 0           # eval batches scored (the first N); 0: the whole eval split
+
   c.init_from = ""                    # a workdir to fine-tune from (params and batch statistics), one step's
                                       # folder in it (runs/x/checkpoints/4), or torchvision:PATH (a .pth)
   c.resume_step = config_dict.placeholder(int)  # resume from this step of <workdir>/checkpoints (unset: the newest);

@@ -14,7 +14,7 @@ that every `QConv`/`QDense` reads at apply time (see `kure_jax.models.layers`).
   layer or of input features per example; initial step 2·mean|x|/√Q_P.
 
 KURE during QAT regularizes the latent float weights (the params), as the authors do.
-The learned steps live in the train state (``state["qsteps"]``) and so in checkpoints,
+The learned steps live in the train state (``state.qsteps``) and so in checkpoints,
 with the method and bit-widths in the checkpoint metadata; the robustness evaluator's
 ``"learned"`` base-step method rescales them to other bit-widths by the authors' rule
 Δ_k = Δ_b · (2^b − 1)/(2^k − 1).

@@ -6,9 +6,12 @@ metrics and the evaluation; the loop, checkpointing and resuming are shared.
 
 ``train_and_evaluate(config, workdir)`` is the whole program behind ``train.py``; it
 resumes automatically from the newest checkpoint in `workdir`, so a killed run that
-is restarted ends bit-identical to an uninterrupted one (on CPU): the state holds
-params, batch statistics, optimizer state and step, the data order and augmentation
+is restarted ends bit-identical to an uninterrupted one (on CPU): the state (`TrainState`) holds
+params, batch statistics, optimizer state, step and LSQ's learned steps, the data order and augmentation
 are functions of (seed, step), and the dropout key is ``fold_in(seed, step)``.
+
+``config.train_sweep`` (off by default) also scores a small robustness grid (`kure_jax.robustness.Sweep`) at
+every epoch evaluation, logged in the same 'eval' record as ``sweep/<w|a|wa><bits>_r<ratio>/<metric>``.
 """
 
 from __future__ import annotations
@@ -26,25 +29,73 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import struct
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
 from kure_jax import qat, sharding, torchvision_weights
 from kure_jax import tasks as tasks_lib
+from kure_jax import tree_paths
+from kure_jax._checks import whole_bits
+from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
 from kure_jax.gradient_l1 import with_gradient_l1
 from kure_jax.kurtosis import (REDUCTIONS, kernel_selection, kure_penalty, kurtosis, kurtosis_by_layer,
                                select_kernels)
 from kure_jax.metrics import MetricWriter
+from kure_jax.robustness import TARGETS, Grid, Sweep
 from kure_jax.tasks import CLASSIFICATION, Task, classification_sums, cross_entropy  # noqa: F401 (re-exported)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 REGULARIZERS = ("kure", "grad_l1")
 SCHEDULES = ("cosine", "step", "constant")
+SWEEP_METHODS = ("mse", "max", "aciq_gauss", "aciq_laplace", "learned")  # train_sweep.method (LAPQ is eval.py's)
+SWEEP_TAGS = {"weights": "w", "activations": "a", "both": "wa"}  # what a sweep metric's name says is quantized
 
-State = dict[str, Any]  # {"step", "params", "batch_stats", "opt_state"} (+ "qsteps" in QAT)
+
+@struct.dataclass
+class TrainState:
+  """What a run trains and resumes from, as a pytree (`jit`, `sharding.replicate` and `jax.tree` see its arrays).
+
+  `qsteps` holds LSQ's learned steps ({} when the run learns none). `learns_steps` is static, part of the tree's
+  structure and fixed when the state is made (`create_state`), so a traced step reads it, not the values: it
+  decides the one structure of the optimizer's trainables for the whole run. Checkpoints hold `to_checkpoint`'s
+  dict, the layout they have always had; `from_checkpoint` turns a restored one back into a state.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  qsteps: Any = struct.field(default_factory=dict)
+  learns_steps: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """{'params', 'batch_stats'}: what the model is applied with."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+  def trainables(self) -> Any:
+    """What the optimizer updates: the params, or {'params', 'qsteps'} when LSQ's steps train with them."""
+    return {"params": self.params, "qsteps": self.qsteps} if self.learns_steps else self.params
+
+  def with_trainables(self, new: Any) -> TrainState:
+    """The state holding updated trainables (of `trainables`' structure)."""
+    return self.replace(params=new["params"], qsteps=new["qsteps"]) if self.learns_steps else self.replace(params=new)
+
+  def to_checkpoint(self) -> dict[str, Any]:
+    """The dict checkpoints hold: {'step', 'params', 'batch_stats', 'opt_state'}, + 'qsteps' when steps are learned."""
+    tree = {"step": self.step, "params": self.params, "batch_stats": self.batch_stats, "opt_state": self.opt_state}
+    if self.learns_steps:
+      tree["qsteps"] = self.qsteps
+    return tree
+
+  def from_checkpoint(self, tree: dict[str, Any]) -> TrainState:
+    """This state with the values of a checkpoint restored into `to_checkpoint`'s structure (`Checkpointer.restore`)."""
+    return self.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
+                        opt_state=tree["opt_state"], qsteps=tree["qsteps"] if self.learns_steps else {})
 
 
 # ----------------------------------------------------------------------------------
@@ -117,6 +168,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       bad(field, f"must be > 0, got {config[field]}.")
   if config.get("resume_step") is not None and config.resume_step < 0:
     bad("resume_step", f"must be ≥ 0 (a step in <workdir>/checkpoints; unset: the newest), got {config.resume_step}.")
+  s = config.get("train_sweep")
+  if s is not None:
+    if not all(whole_bits(b) for b in s.bits):
+      bad("train_sweep.bits", f"is {tuple(s.bits)}; give whole bit-widths in 2…16 (() turns the sweep off).")
+    if not s.ratios or any(not float(r) > 0 for r in s.ratios):
+      bad("train_sweep.ratios", f"is {tuple(s.ratios)}; give step ratios Δ/Δ̃ > 0, e.g. (0.9, 1.0, 1.1).")
+    if not s.targets or any(t not in TARGETS for t in s.targets):
+      bad("train_sweep.targets", f"is {tuple(s.targets)}; choose from {', '.join(TARGETS)}.")
+    if s.method not in SWEEP_METHODS or (s.method == "learned" and qat.method(config) == "none"):
+      bad("train_sweep.method", f"is {s.method!r}; choose one of {', '.join(SWEEP_METHODS[:-1])} (and learned in a "
+          "QAT run).")
+    lsq_float_acts = qat.method(config) == "lsq" and not config.quant.a_bits
+    if s.method == "learned" and set(s.targets) - {"weights"} and lsq_float_acts:
+      bad("train_sweep.targets", "quantizes activations with method 'learned', but quant.a_bits=0 learns no "
+          "activation steps; use targets=('weights',) or another method.")
+    if not float(s.batches).is_integer() or s.batches < 0:
+      bad("train_sweep.batches", f"must be a whole number ≥ 0 (0: the whole eval split), got {s.batches}.")
 
 
 def kure_selection(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -160,51 +228,42 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
   return optax.adamw(schedule, weight_decay=o.weight_decay, mask=decay_mask)
 
 
-def params_only(trainables: Any) -> Any:
-  """Weight-decay mask for {'params', 'qsteps'} trainables: decay the params, not the learned steps."""
-  if set(trainables) != {"params", "qsteps"}:  # a bare params tree
-    return jax.tree.map(lambda _: True, trainables)
+def params_only(trainables: dict[str, Any]) -> dict[str, Any]:
+  """Weight-decay mask of LSQ's {'params', 'qsteps'} trainables: decay the params, not the learned steps."""
   return {"params": jax.tree.map(lambda _: True, trainables["params"]),
           "qsteps": jax.tree.map(lambda _: False, trainables["qsteps"])}
 
 
-def trainables(state: State) -> Any:
-  """What the optimizer updates: the params, plus LSQ's learned steps when there are any."""
-  return {"params": state["params"], "qsteps": state["qsteps"]} if state.get("qsteps") else state["params"]
-
-
 def create_state(model, tx: optax.GradientTransformation, rng: jax.Array, image_shape: tuple[int, ...] | None = None,
-                 task: Task = CLASSIFICATION) -> State:
-  """The initial state; the model is initialized on ``task.example_inputs(image_shape)`` (NeuMF: ids)."""
+                 task: Task = CLASSIFICATION, learns_steps: bool = False) -> TrainState:
+  """The initial state; the model is initialized on ``task.example_inputs(image_shape)`` (NeuMF: ids).
+
+  `learns_steps` (LSQ) fixes the trainables to {'params', 'qsteps'} from the start; `_with_lsq_steps` fills the
+  steps once the QAT spec is known.
+  """
   variables = models_lib.init_from_inputs(model, rng, *task.example_inputs(image_shape))
-  params = variables["params"]
-  return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params)}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                     batch_stats=variables.get("batch_stats", {}), opt_state=None, learns_steps=learns_steps)
+  return state.replace(opt_state=tx.init(state.trainables()))
 
 
 def activation_penalty(inter: dict, paths: list[str], target: float) -> jax.Array:
   """mean_l (Kurt[a_l] − K_T)² over the inputs the selected layers sowed (before quantization)."""
-  terms = []
-  for p in paths:
-    node = inter
-    for part in p.split("/")[:-1]:
-      node = node[part]
-    terms.append((kurtosis(node["input"][0]) - target) ** 2)
-  return jnp.mean(jnp.stack(terms))
+  return jnp.mean(jnp.stack([(kurtosis(tree_paths.sown_input(inter, p)) - target) ** 2 for p in paths]))
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                     schedule: optax.Schedule, spec: qat.QatSpec | None = None, task: Task = CLASSIFICATION,
-                    ) -> Callable[[State, dict], tuple[State, dict]]:
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """(state, batch) → (state, metrics): task loss + λ·KURE (+ λ_a·activation KURE), one optimizer update.
 
   The metric 'ce' is the task's loss (`task.loss`: softmax cross-entropy, or binary cross-entropy for
   ranking), 'accuracy' and any other `task.train_metrics` follow it. A model without batch statistics
-  (NeuMF) keeps ``state["batch_stats"]`` = {}.
+  (NeuMF) keeps ``state.batch_stats`` = {}.
 
   With a QAT `spec` the forward pass is quantized by its method (DoReFa or LSQ) and, for
-  LSQ, the learned steps in ``state["qsteps"]`` are trained with the params; KURE always
-  regularizes the latent float weights.
+  LSQ, the learned steps in ``state.qsteps`` are trained with the params (a state of
+  ``learns_steps``); KURE always regularizes the latent float weights.
   """
   lam = float(config.kure.weight)
   lam_a = float(config.kure.get("activations", 0.0))
@@ -217,19 +276,21 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
   reg = config.get("reg")
   lam_g = float(reg.grad_l1_weight) if reg is not None and reg.kind == "grad_l1" else 0.0
 
-  def step_fn(state: State, batch: dict) -> tuple[State, dict]:
-    dropout_key = jax.random.fold_in(base_key, state["step"])
-    learned_steps = bool(state.get("qsteps"))  # LSQ: the steps train with the params
+  def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    learns = state.learns_steps  # static: LSQ's steps train with the params
+    if learns != (spec is not None and spec.method == "lsq"):
+      raise ValueError(f"an LSQ spec needs a state with learned steps (_with_lsq_steps) and only it; got "
+                       f"spec {spec and spec.method!r}, learns_steps={learns}.")
+    dropout_key = jax.random.fold_in(base_key, state.step)
 
     def loss_fn(train_vars):
-      params = train_vars["params"] if learned_steps else train_vars
+      params = train_vars["params"] if learns else train_vars
       quant = {}
       if spec is not None and spec.method != "none":
-        qsteps = train_vars["qsteps"] if learned_steps else {}
-        quant = {"quant": qat.quant_for_training(spec, qsteps, weight_grid)}
+        quant = {"quant": qat.quant_for_training(spec, train_vars["qsteps"] if learns else {}, weight_grid)}
 
       def task_loss(p):
-        logits, updates = model.apply({"params": p, "batch_stats": state["batch_stats"], **quant},
+        logits, updates = model.apply({"params": p, "batch_stats": state.batch_stats, **quant},
                                       *task.inputs(batch), train=True, mutable=mutable, rngs={"dropout": dropout_key})
         return task.loss(logits, batch), (logits, updates)
 
@@ -243,15 +304,15 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
       if lam_a > 0:
         act = activation_penalty(updates["intermediates"], list(select_kernels(params, **selection)), target)
       loss = ce + lam * penalty + lam_a * act + lam_g * grad_l1
-      return loss, (ce, penalty, act, grad_l1, logits, updates.get("batch_stats", state["batch_stats"]))
+      return loss, (ce, penalty, act, grad_l1, logits, updates.get("batch_stats", state.batch_stats))
 
-    current = trainables(state)
+    current = state.trainables()
     (loss, (ce, penalty, act, grad_l1, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         current)
-    updates, opt_state = tx.update(grads, state["opt_state"], current)
+    updates, opt_state = tx.update(grads, state.opt_state, current)
     new = optax.apply_updates(current, updates)
     metrics = {"loss": loss, "ce": ce, "kure": penalty, **task.train_metrics(logits, batch),
-               "learning_rate": schedule(state["step"])}
+               "learning_rate": schedule(state.step)}
     if lam_a > 0:
       metrics["kure_act"] = act
     if lam_g > 0:
@@ -259,11 +320,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
     # fault check, on device: the host reads it with the metrics (no sync of its own)
     metrics["finite"] = jnp.isfinite(loss) & jnp.all(jnp.stack(
         [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((new, batch_stats))]))
-    new_state = {**state, "step": state["step"] + 1, "batch_stats": batch_stats, "opt_state": opt_state}
-    if learned_steps:
-      new_state.update(params=new["params"], qsteps=new["qsteps"])
-    else:
-      new_state["params"] = new
+    new_state = state.with_trainables(new).replace(step=state.step + 1, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
   return step_fn
@@ -290,6 +347,25 @@ def evaluate(eval_fn: Callable, variables: dict, dataset, mesh, progress: bool =
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     del sums
   return task.summarize(jax.device_get(totals))
+
+
+def sweep_grid(config: ml_collections.ConfigDict, weight_grid: str = "signed") -> Grid | None:
+  """The Grid of ``config.train_sweep`` on the model's weight grid; None when its bits are () (off)."""
+  s = config.get("train_sweep")
+  if s is None or not s.bits:
+    return None
+  return Grid(bits=tuple(int(b) for b in s.bits), ratios=tuple(float(r) for r in s.ratios), methods=(s.method,),
+              targets=tuple(s.targets), weight_grid=weight_grid).validate()
+
+
+def sweep_metrics(sweep: Sweep, batches: Iterator[dict]) -> dict[str, float]:
+  """The sweep's scores as flat eval metrics: 'sweep/w4_r1.0/top1' (w, a or wa: what is quantized; then the bits,
+  the step ratio and the task's metric: classification top1/top5/loss, ranking hr@10/ndcg@10/loss)."""
+  out = {}
+  for row in sweep.score(batches):
+    name = f"sweep/{SWEEP_TAGS[row['target']]}{row['bits']}_r{row['ratio']}"
+    out.update({f"{name}/{k}": float(row[k]) for k in (*sweep.task.metric.columns, "loss")})
+  return out
 
 
 def _progress(it, total, desc, enabled):
@@ -380,14 +456,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lsq = qat.method(config) == "lsq"
   tx = make_optimizer(config, schedule, decay_mask=params_only if lsq else None)
   image_shape = (config.dataset.image_size, config.dataset.image_size, 3)
-  state = create_state(model, tx, jax.random.PRNGKey(config.seed), image_shape, task=task)
+  state = create_state(model, tx, jax.random.PRNGKey(config.seed), image_shape, task=task, learns_steps=lsq)
   spec, probe = None, None
   if qat.method(config) != "none":  # which layers, their input grids and sizes: one train batch shows them
     probe = np.asarray(train_ds.get_batch(0)["image"])
-    spec = qat.make_spec(config, model, state, probe)
+    spec = qat.make_spec(config, model, state.variables, probe)
     if lsq:
       state = _with_lsq_steps(state, spec, model, probe, tx, weight_grid)
-  meta = _meta(config, state["params"])
+  meta = _meta(config, state.params)
   if spec is not None:
     meta["quant"] = spec.meta()
 
@@ -397,10 +473,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   resume_step = config.get("resume_step")  # None: the newest checkpoint
   try:
     if ckpt.latest_step() is not None or resume_step is not None:
-      state, _ = ckpt.restore(state, meta, step=resume_step)  # metadata, checksum and finiteness checked
+      restored, _ = ckpt.restore(state.to_checkpoint(), meta, step=resume_step)  # metadata, checksum, finiteness
+      state = state.from_checkpoint(restored)
       if resume_step is not None:
         ckpt.discard_after(resume_step)
-      _truncate_metrics(workdir, int(state["step"]))
+      _truncate_metrics(workdir, int(state.step))
     elif config.get("init_from"):
       state = _init_from(config, state, meta)
       if lsq:  # LSQ's steps start from the weights they will quantize
@@ -418,10 +495,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        out_shardings=(rep, rep), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(eval_model, task=task), in_shardings=(rep, bat), out_shardings=rep)
   kurt_fn = jax.jit(lambda p: kurtosis_by_layer(p, **kure_selection(config)))
+  grid = sweep_grid(config, weight_grid)
+  calibration = None  # activation targets: one random train batch (eval.py's rule; ranking: the first train batch)
+  if grid is not None and any(t != "weights" for t in grid.targets):
+    calibration = ([train_ds.get_batch(0)] if task.calibrate_on_train_batches
+                   else [calibration_sample(train_ds, int(config.eval_batch_size), config.seed + 1)["image"]])
   writer = MetricWriter(workdir)
   progress = config.get("progress", True) and jax.process_index() == 0
 
-  start = int(state["step"])
+  start = int(state.step)
   step = start
   pending: list[dict] = []
   unchecked: list[tuple[int, jax.Array, jax.Array]] = []  # (step, finite flag, loss) still on device
@@ -456,21 +538,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.update(1)
       if done % config.checkpoint_every_steps == 0 and done != total_steps:
         _check_finite(unchecked, ckpt)
-        ckpt.save(done, state, meta)
+        ckpt.save(done, state.to_checkpoint(), meta)
       if done % steps_per_epoch == 0 or done == total_steps:
         _check_finite(unchecked, ckpt)
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        variables = state.variables
         if spec is not None:  # a QAT model is scored as it trains: quantized
-          variables["quant"] = qat.quant_for_training(spec, state.get("qsteps", {}), weight_grid)
+          variables["quant"] = qat.quant_for_training(spec, state.qsteps, weight_grid)
         eval_metrics = evaluate(eval_step, variables, eval_ds, mesh, task=task)
-        kurt = {k.removesuffix("/kernel"): float(v) for k, v in jax.device_get(kurt_fn(state["params"])).items()}
+        if grid is not None:  # compiled once per run (Sweep's plan cache); the weights are data
+          sweep = Sweep(eval_model, {**state.variables, "qsteps": state.qsteps}, grid, calibration=calibration,
+                        qat=meta.get("quant"), task=task, **kure_selection(config))
+          eval_batches = eval_ds.iterate(num_steps=int(config.train_sweep.batches) or None)
+          eval_metrics.update(sweep_metrics(sweep, (sharding.shard_batch(b, mesh) for b in eval_batches)))
+        kurt = {k.removesuffix("/kernel"): float(v) for k, v in jax.device_get(kurt_fn(state.params)).items()}
         eval_metrics["kurtosis_mean"] = float(np.mean(list(kurt.values())))
         writer.write(done, "eval", {**eval_metrics, "epoch": done / steps_per_epoch, "kurtosis": kurt})
         writer.flush()
-    final_step = int(jax.device_get(state["step"]))
+    final_step = int(jax.device_get(state.step))
     _check_finite(unchecked, ckpt)
     if final_step > start:
-      ckpt.save(final_step, state, meta)
+      ckpt.save(final_step, state.to_checkpoint(), meta)
     ckpt.close()
   if progress:
     bar.close()
@@ -501,11 +588,12 @@ def _check_finite(unchecked: list[tuple[int, jax.Array, jax.Array]], ckpt: Check
   unchecked.clear()
 
 
-def _with_lsq_steps(state: State, spec: qat.QatSpec, model, images: np.ndarray, tx: optax.GradientTransformation,
-                    weight_grid: str) -> State:
-  """Add LSQ's initial steps (2·mean|x|/√Q_P from the current weights and one batch) and their optimizer state."""
-  qsteps = qat.init_steps(spec, model, state, images, weight_grid)
-  return {**state, "qsteps": qsteps, "opt_state": tx.init({"params": state["params"], "qsteps": qsteps})}
+def _with_lsq_steps(state: TrainState, spec: qat.QatSpec, model, images: np.ndarray,
+                    tx: optax.GradientTransformation, weight_grid: str) -> TrainState:
+  """LSQ's initial steps (2·mean|x|/√Q_P from the current weights and one batch) and their optimizer state, in a
+  state of ``learns_steps`` (`create_state`)."""
+  state = state.replace(qsteps=qat.init_steps(spec, model, state.variables, images, weight_grid))
+  return state.replace(opt_state=tx.init(state.trainables()))
 
 
 def _init_weights_missing(config: ml_collections.ConfigDict, workdir: str) -> str | None:
@@ -516,7 +604,7 @@ def _init_weights_missing(config: ml_collections.ConfigDict, workdir: str) -> st
   return torchvision_weights.missing(config.init_from, config.model)
 
 
-def _init_from(config: ml_collections.ConfigDict, state: State, meta: dict[str, Any]) -> State:
+def _init_from(config: ml_collections.ConfigDict, state: TrainState, meta: dict[str, Any]) -> TrainState:
   """Replace params/batch statistics with those of another checkpoint (fine-tuning)."""
   path = config.init_from
   if path.startswith(torchvision_weights.PREFIX):  # a torchvision .pth, converted here
@@ -526,6 +614,6 @@ def _init_from(config: ml_collections.ConfigDict, state: State, meta: dict[str, 
     variables, src_meta = load_variables(path)
   check_meta(src_meta, {"model": meta["model"], "num_classes": meta["num_classes"],
                         "param_shapes": meta["param_shapes"]}, f"init_from={path}")
-  params = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), state["params"], variables["params"])
-  stats = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), state["batch_stats"], variables["batch_stats"])
-  return {**state, "params": params, "batch_stats": stats}
+  params = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), state.params, variables["params"])
+  stats = jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), state.batch_stats, variables["batch_stats"])
+  return state.replace(params=params, batch_stats=stats)

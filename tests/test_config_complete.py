@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 SOURCES = sorted((REPO / "kure_jax").rglob("*.py")) + [REPO / "train.py", REPO / "eval.py"]
 METHODS = {n for n in dir(ConfigDict) if not n.startswith("_")}  # config.get(...), config.to_json_best_effort(), ...
 GETTERS = {"_get", "getattr"}  # _get(config, "key") (the data pipeline), getattr(config, "key")
-SECTIONS = ("dataset", "optimizer", "schedule", "kure", "reg", "quant", "eval")
+SECTIONS = ("dataset", "optimizer", "schedule", "kure", "reg", "quant", "eval", "train_sweep")
 
 
 # ----------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def test_imagenet_config_costs(name):
   import importlib
 
   from kure_jax.data import make_dataset
-  from kure_jax.train import make_optimizer, make_schedule, make_train_step
+  from kure_jax.train import TrainState, make_optimizer, make_schedule, make_train_step
 
   tfds = pytest.importorskip("tensorflow_datasets")
   steps, epochs, gflop = COSTS[name]
@@ -332,8 +332,8 @@ def test_imagenet_config_costs(name):
   v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
   schedule = make_schedule(c, steps, steps * epochs)
   tx = make_optimizer(c, schedule)
-  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": v["params"], "batch_stats": v["batch_stats"],
-           "opt_state": jax.eval_shape(tx.init, v["params"])}
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
+                     opt_state=jax.eval_shape(tx.init, v["params"]))
   b = 8
   batch = {"image": jax.ShapeDtypeStruct((b, 224, 224, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((b,), jnp.int32), "mask": jax.ShapeDtypeStruct((b,), bool)}

@@ -91,6 +91,7 @@ def test_end_to_end_with_kure(folder, tmp_path):
   assert all(np.isfinite(r["loss"]) and r["kure"] > 0 for r in train_rows)
   assert all(abs(r["loss"] - r["ce"] - r["kure"]) < 1e-4 for r in train_rows)  # λ = 1
   (ev,) = read_metrics(workdir, "eval")
+  assert not [k for k in ev if k.startswith("sweep/")]  # config.train_sweep is off by default (test_train_sweep.py)
   assert set(ev["kurtosis"]) == {f"layer{s}_{b}/conv{c}" for s in (1, 2, 3) for b in range(3) for c in (1, 2)}
   assert os.path.isdir(os.path.join(workdir, "tensorboard"))
   assert Checkpointer(workdir).latest_step() == 6
