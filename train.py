@@ -2,7 +2,7 @@
 
   python train.py --config configs/cifar10_resnet20.py --workdir runs/r20 [--config.x=y ...]
 
-All logic lives in `kure_jax.train.train_and_evaluate(config, workdir)`; a run resumes
+All logic lives in `kure_jax.training.train.train_and_evaluate(config, workdir)`; a run resumes
 from the newest checkpoint in --workdir (default: runs/<config file name>). Multi-host:
 call this on every host with JAX_COORDINATOR_ADDRESS etc. set (or pass --distributed)
 so that `jax.distributed.initialize()` connects the hosts before anything else.
@@ -32,7 +32,7 @@ def main(argv):
     jax.distributed.initialize()
   from kure_jax.checkpoint import quiet_orbax_logs
   from kure_jax.errors import UserError
-  from kure_jax.train import train_and_evaluate
+  from kure_jax.training.train import train_and_evaluate
 
   if not FLAGS["verbosity"].present:  # every checkpoint failure is reported below, in one line
     quiet_orbax_logs()

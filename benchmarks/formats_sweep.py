@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kure_jax import models  # noqa: E402
-from kure_jax.robustness import Grid, Sweep  # noqa: E402
+from kure_jax.evaluation.robustness import Grid, Sweep  # noqa: E402
 
 KINDS = ("int4 (grid)", "int4", "fp8_e4m3", "fp6_e3m2", "fp4_e2m1", "mxfp8_e4m3", "mxfp4", "nvfp4")
 

@@ -2,7 +2,7 @@
 
   python benchmarks/imagenet_step.py [--model resnet18] [--image-size 224] [--batch 32] [--steps 5] [--memory]
 
-The step is `kure_jax.train.make_train_step` with the config's optimizer, schedule and KURE
+The step is `kure_jax.training.train.make_train_step` with the config's optimizer, schedule and KURE
 (λ = 1), compiled once; each timed step is blocked on, and the table gives the median over
 `--steps` steps after two warm-up steps, XLA's FLOP count per image (so achieved FLOP/s),
 the compile time and what that rate means for an epoch of ImageNet's 1,281,167 training
@@ -39,7 +39,7 @@ def main() -> None:
   args = p.parse_args()
 
   from kure_jax import models
-  from kure_jax.train import (
+  from kure_jax.training.train import (
     create_state,
     make_optimizer,
     make_schedule,

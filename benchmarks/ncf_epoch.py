@@ -5,7 +5,7 @@
 Both sides train the same NeuMF (factors 8, MLP 64-32-16-8, NCF's initializers, the sizes of ML-1M: 6,040
 users, 3,706 items) with Adam (lr 0.001) on sigmoid binary cross-entropy, one batch of 256 (user, item,
 label) a step, as `configs/movielens_neumf.py` trains. kure-jax's step is the project's own
-(`kure_jax.train.make_train_step` with the 'ranking' task, state donated), with and without KURE on the
+(`kure_jax.training.train.make_train_step` with the 'ranking' task, state donated), with and without KURE on the
 weights and activations (λ 1.0 / 0.1); PyTorch's is the usual eager loop (zero_grad, forward, backward,
 step) with one thread per usable CPU. Rounds are interleaved, so machine noise hits all alike; the table
 gives medians, the epoch time scaled to ML-1M's 19,417 steps (994,169 positives × 5 / 256), and ratios.
@@ -41,7 +41,7 @@ def batches(n: int, batch: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 def jax_runner(data: list[dict], lam_w: float, lam_a: float):
   from configs import movielens_neumf
   from kure_jax import models, tasks
-  from kure_jax.train import create_state, make_optimizer, make_schedule, make_train_step
+  from kure_jax.training.train import create_state, make_optimizer, make_schedule, make_train_step
 
   config = movielens_neumf.get_config()
   config.kure.weight, config.kure.activations = lam_w, lam_a

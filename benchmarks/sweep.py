@@ -7,7 +7,7 @@ Grid: 4 bit-widths (2, 3, 4, 8) × 21 step ratios (0.7…1.3), MSE-optimal base 
 weights quantized (stem and classifier in float), 84 points. Measured in one process:
 
   float     one float forward pass over the test set (kure-jax, jitted), the unit;
-  one-call  `kure_jax.robustness.Sweep`: every point on every batch, one compiled
+  one-call  `kure_jax.evaluation.robustness.Sweep`: every point on every batch, one compiled
             function, the data read once;
   jax loop  the plain sequential way: per point, quantize the kernels (jitted, compiled
             once) and run the jitted float evaluation over the test set;
@@ -45,10 +45,10 @@ sys.path.insert(0, str(ROOT))  # configs/, benchmarks/ importable
 from configs import cifar10_resnet20  # noqa: E402
 from kure_jax import data as data_lib  # noqa: E402
 from kure_jax import models  # noqa: E402
-from kure_jax import quant as Q  # noqa: E402
+from kure_jax.core import quant as Q  # noqa: E402
 from kure_jax.checkpoint import load_variables  # noqa: E402
-from kure_jax.robustness import Grid, Sweep  # noqa: E402
-from kure_jax.train import make_eval_step  # noqa: E402
+from kure_jax.evaluation.robustness import Grid, Sweep  # noqa: E402
+from kure_jax.training.train import make_eval_step  # noqa: E402
 
 BITS = (2, 3, 4, 8)
 RATIOS = tuple(float(r) for r in np.round(np.linspace(0.7, 1.3, 21), 6))

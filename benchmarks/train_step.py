@@ -83,7 +83,7 @@ def jax_step(batch: int, kure_weight: float, dtype: str = "float32", lax_conv: b
   """
   from configs import cifar10_resnet20
   from kure_jax import models, sharding
-  from kure_jax.train import create_state, make_optimizer, make_schedule, make_train_step
+  from kure_jax.training.train import create_state, make_optimizer, make_schedule, make_train_step
 
   config = cifar10_resnet20.get_config()
   config.kure.weight = kure_weight

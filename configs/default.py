@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
                                       # learned (QAT) | lapq; unset: the preset's (ours ('mse',), authors ('lapq',))
   c.eval.targets = ("weights",)       # weights | activations | both
   c.eval.formats = ()                 # number formats scored beside the integer grid, e.g. "('int4','fp8_e4m3',
-                                      # 'fp4_e2m1','mxfp4','nvfp4')" (kure_jax.formats.FORMATS): each at its max
+                                      # 'fp4_e2m1','mxfp4','nvfp4')" (kure_jax.core.formats.FORMATS): each at its max
                                       # scaling × the step ratios, in the same compiled call
   c.eval.granularity = "tensor"       # tensor | channel (weight steps)
   c.eval.calibration_batches = 1      # batches of the train split for activation steps

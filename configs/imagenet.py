@@ -7,7 +7,7 @@ weight decay 1e-4, learning rate 1e-3 decayed 10× every 30 epochs; 90 epochs fo
 ResNets, 50 for MobileNet-V2; batch 256 (ResNet-50: 128).
 
 Weights: ``init_from = "torchvision:PATH"``, by default where torchvision caches its
-download (`kure_jax.torchvision_weights.default_path`); get the file with
+download (`kure_jax.models.torchvision_weights.default_path`); get the file with
 ``python -c "import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')"``
 or from https://download.pytorch.org/models/ (reading a .pth needs the `torchvision`
 extra; `python scripts/convert_torchvision.py` turns it into a checkpoint that needs no torch).
@@ -22,7 +22,7 @@ folder with train/ and val/ class folders (``--config.dataset.name=folder
 import ml_collections
 
 from configs import default
-from kure_jax import torchvision_weights
+from kure_jax.models import torchvision_weights
 
 
 def get_config(model: str = "resnet18", batch_size: int = 256, num_epochs: int = 90) -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """kure-jax: quantization-robust training with KURE, and one-call robustness sweeps."""
 
-from kure_jax import quant, theory
-from kure_jax.kurtosis import (
+from kure_jax.core import quant, theory
+from kure_jax.core.kurtosis import (
     KURTOSIS_GAUSSIAN,
     KURTOSIS_LAPLACE,
     KURTOSIS_UNIFORM,
@@ -11,19 +11,19 @@ from kure_jax.kurtosis import (
     kurtosis_by_layer,
     select_kernels,
 )
-from kure_jax.quant import quantize
+from kure_jax.core.quant import quantize
 
 __version__ = "0.1.0"
 
 # Entry points that pull in Flax, optax, orbax or the data pipeline load on first use (PEP 562), so
 # `import kure_jax` stays light.
 _LAZY = {
-    "formats": ("kure_jax.formats", None),
-    "fake_quantize": ("kure_jax.formats", "fake_quantize"),
-    "Grid": ("kure_jax.robustness", "Grid"),
-    "Sweep": ("kure_jax.robustness", "Sweep"),
-    "run_eval": ("kure_jax.evaluate", "run_eval"),
-    "train_and_evaluate": ("kure_jax.train", "train_and_evaluate"),
+    "formats": ("kure_jax.core.formats", None),
+    "fake_quantize": ("kure_jax.core.formats", "fake_quantize"),
+    "Grid": ("kure_jax.evaluation.robustness", "Grid"),
+    "Sweep": ("kure_jax.evaluation.robustness", "Sweep"),
+    "run_eval": ("kure_jax.evaluation.evaluate", "run_eval"),
+    "train_and_evaluate": ("kure_jax.training.train", "train_and_evaluate"),
     "load_variables": ("kure_jax.checkpoint", "load_variables"),
     "get_model": ("kure_jax.models", "get_model"),
 }

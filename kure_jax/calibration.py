@@ -1,6 +1,6 @@
 """Calibration: the data post-training quantization picks its steps on, and what it records from it.
 
-Shared by the sweep (`kure_jax.robustness`), LAPQ (`kure_jax.lapq`) and QAT's setup (`kure_jax.qat`),
+Shared by the sweep (`kure_jax.evaluation.robustness`), LAPQ (`kure_jax.evaluation.lapq`) and QAT's setup (`kure_jax.qat`),
 which import it and not each other:
 
 * `calibration_sample` draws labelled examples at random from a split (a prefix of a class-sorted folder

@@ -31,12 +31,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kure_jax import quant as Q
+from kure_jax import models as models_lib
 from kure_jax import tree_paths
 from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid
+from kure_jax.core import quant as Q
+from kure_jax.core.kurtosis import kernel_selection, select_kernels
 from kure_jax.errors import UserError
-from kure_jax.kurtosis import kernel_selection, select_kernels
 from kure_jax.models.layers import INTERMEDIATES, LayerQuant, quant_collection
 
 METHODS = ("none", "dorefa", "lsq")
@@ -54,6 +55,7 @@ class QatSpec:
   act_grids: dict[str, str]         # each layer's input grid: 'unsigned' after a ReLU
   w_counts: dict[str, int]          # N for LSQ's weight gradient scale
   a_counts: dict[str, int]          # input features per example, N for the activation scale
+  weight_grid: str                  # the model's weight grid (DoReFa: midrise)
 
   def meta(self) -> dict[str, Any]:
     """The JSON-able record a checkpoint keeps (what the evaluator needs to score it)."""
@@ -86,14 +88,6 @@ def method(config: ml_collections.ConfigDict) -> str:
   return "none" if q is None else q.method
 
 
-def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The model's keyword arguments, with DoReFa's weight grid (midrise) when it is the QAT method."""
-  kw = dict(config.get("model_kwargs", {}))
-  if method(config) == "dorefa":
-    kw["weight_grid"] = "midrise"
-  return kw
-
-
 def selection(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The layers QAT quantizes: `select_kernels` keywords from ``config.quant`` (`kurtosis.kernel_selection`)."""
   return kernel_selection(config.quant)
@@ -108,7 +102,8 @@ def make_spec(config: ml_collections.ConfigDict, model, variables: dict, images:
   kernels = select_kernels(params, include=None, exclude=None, skip_stem=False, skip_head=False)
   return QatSpec(method=config.quant.method, w_bits=int(config.quant.w_bits), a_bits=int(config.quant.a_bits),
                  paths=paths, act_grids=act_grids, w_counts={p: int(kernels[p].size) for p in paths},
-                 a_counts={p: int(np.prod(x.shape[1:])) for p, x in inputs.items()})
+                 a_counts={p: int(np.prod(x.shape[1:])) for p, x in inputs.items()},
+                 weight_grid=models_lib.weight_grid(models_lib.model_kwargs(config)))
 
 
 def layer_inputs(model, variables: dict, images: np.ndarray, paths: Sequence[str]) -> dict[str, jax.Array]:
@@ -141,7 +136,7 @@ def lsq_init(x: jax.Array, bits: int, grid: str) -> jax.Array:
   return 2.0 * jnp.mean(jnp.abs(x)) / jnp.sqrt(lsq_qp(bits, grid))
 
 
-def init_steps(spec: QatSpec, model, variables: dict, images: np.ndarray, weight_grid: str = "signed") -> dict:
+def init_steps(spec: QatSpec, model, variables: dict, images: np.ndarray) -> dict:
   """The learned parameters a QAT method starts from: LSQ's steps (from one batch), else {}."""
   if spec.method != "lsq":
     return {}
@@ -149,14 +144,14 @@ def init_steps(spec: QatSpec, model, variables: dict, images: np.ndarray, weight
   inputs = layer_inputs(model, variables, images, spec.paths) if spec.a_bits else {}
   out = {}
   for p in spec.paths:
-    entry = {"w_step": lsq_init(kernels[p], spec.w_bits, weight_grid)}
+    entry = {"w_step": lsq_init(kernels[p], spec.w_bits, spec.weight_grid)}
     if spec.a_bits:
       entry["a_step"] = lsq_init(inputs[p], spec.a_bits, spec.act_grids[p])
     out[p] = entry
   return out
 
 
-def quant_for_training(spec: QatSpec, qsteps: dict, weight_grid: str = "signed") -> dict:
+def quant_for_training(spec: QatSpec, qsteps: dict) -> dict:
   """The 'quant' collection of a QAT forward pass (LSQ's gradient scale applied to its steps)."""
   if spec.method == "none":
     return {}
@@ -167,7 +162,7 @@ def quant_for_training(spec: QatSpec, qsteps: dict, weight_grid: str = "signed")
       tanh = jnp.asarray(True)
     else:
       s = qsteps[p]
-      w_step = Q.grad_scale(jnp.maximum(s["w_step"], MIN_STEP), lsq_scale(spec.w_counts[p], spec.w_bits, weight_grid))
+      w_step = Q.grad_scale(jnp.maximum(s["w_step"], MIN_STEP), lsq_scale(spec.w_counts[p], spec.w_bits, spec.weight_grid))
       a_step = None
       if spec.a_bits:
         g = lsq_scale(spec.a_counts[p], spec.a_bits, spec.act_grids[p])

@@ -1,6 +1,6 @@
 """What a model is trained and scored on, as data: a `Task` is a frozen record of pure functions.
 
-`kure_jax.train` has one training loop; the task decides everything that depends on the kind of
+`kure_jax.training.train` has one training loop; the task decides everything that depends on the kind of
 problem, so the loop holds no ``if ranking`` branches:
 
 * which batch entries feed the model (`inputs`) and what example inputs initialize it (`example_inputs`);
@@ -9,7 +9,7 @@ problem, so the loop holds no ``if ranking`` branches:
   host turns the totals into the reported numbers (`summarize`);
 * the model's keyword arguments that come from the data (`model_kwargs`, e.g. NeuMF's table sizes);
 * the dataset and model names it can run with (`datasets`, `models`), checked by `validate_config`;
-* for the robustness sweep and its reports (`kure_jax.robustness`, `kure_jax.report`): the headline metric
+* for the robustness sweep and its reports (`kure_jax.evaluation.robustness`, `kure_jax.evaluation.report`): the headline metric
   (`metric`, a `Metric`: the key, label and range the tables and plots show), the exact integer sums a sweep
   row carries beside the metrics (`exact`), and where the activation steps' calibration inputs come from
   (`calibrate_on_train_batches`).
@@ -44,7 +44,7 @@ RANK_K = 10  # HR@k and NDCG@k
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
-  """A task's headline metric in the robustness reports (`kure_jax.report`): what the tables and plots show.
+  """A task's headline metric in the robustness reports (`kure_jax.evaluation.report`): what the tables and plots show.
 
   key: the row key (a key of `Task.summarize`'s output). label: the axis label. title: the noun of the plot
   titles ("Accuracy vs bit-width ..."). best: its best value (the plots' y range is 0..best). fmt: the format

@@ -1,4 +1,4 @@
-"""Kernel paths ('block/conv/kernel', as `kure_jax.kurtosis.select_kernels` names them) into the trees Flax keeps
+"""Kernel paths ('block/conv/kernel', as `kure_jax.core.kurtosis.select_kernels` names them) into the trees Flax keeps
 per module: params, gradients, and the 'quant' and 'intermediates' collections. The one place that walks them."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Usage (from the repository root, with the `torchvision` extra installed):
 
 then fine-tune with ``--config.init_from=runs/resnet18_torchvision`` (no torch needed
 there), or skip this step with ``--config.init_from=torchvision:PATH``. All logic is in
-`kure_jax.torchvision_weights` (``python -m kure_jax.torchvision_weights`` is the same).
+`kure_jax.models.torchvision_weights` (``python -m kure_jax.models.torchvision_weights`` is the same).
 """
 
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kure_jax importable without pip install -e
 
-from kure_jax.torchvision_weights import main
+from kure_jax.models.torchvision_weights import main
 
 if __name__ == "__main__":
   sys.exit(main())

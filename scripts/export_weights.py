@@ -29,10 +29,10 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from kure_jax import data as data_lib  # noqa: E402
 from kure_jax import models as models_lib  # noqa: E402
-from kure_jax import qat, sharding, tasks, weights  # noqa: E402
+from kure_jax import sharding, tasks, weights  # noqa: E402
 from kure_jax.checkpoint import load_variables  # noqa: E402
-from kure_jax.kurtosis import kurtosis_by_layer  # noqa: E402
-from kure_jax.train import evaluate, kure_selection, make_eval_step  # noqa: E402
+from kure_jax.core.kurtosis import kurtosis_by_layer  # noqa: E402
+from kure_jax.training.train import evaluate, kure_selection, make_eval_step  # noqa: E402
 
 CONFIG_FILE = "configs/cifar10_resnet20.py"
 # run-local settings that do not change the model (left out of the recorded overrides)
@@ -106,7 +106,7 @@ def main() -> int:
   config.dataset.data_dir = data_dir
   ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False, seed=0)
   if ranking:
-    kwargs = {**qat.model_kwargs(config), **task.model_kwargs(ds)}
+    kwargs = {**models_lib.model_kwargs(config), **task.model_kwargs(ds)}
   else:
     kwargs = {"weight_grid": "midrise"} if meta.get("quant", {}) and meta["quant"].get("method") == "dorefa" else {}
   model = models_lib.get_model(config.model, config.dataset.num_classes, **kwargs)

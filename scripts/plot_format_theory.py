@@ -8,8 +8,8 @@ import math
 import pathlib
 import sys
 
-from kure_jax import format_theory as T
-from kure_jax.formats import SCALAR_FORMATS
+from kure_jax.core import format_theory as T
+from kure_jax.core.formats import SCALAR_FORMATS
 
 if __name__ == "__main__":
   default = pathlib.Path(__file__).resolve().parent.parent / "docs" / "formats_theory.png"

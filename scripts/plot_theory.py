@@ -6,7 +6,7 @@ Usage (from the repository root): ``python scripts/plot_theory.py [out.png]``.
 import pathlib
 import sys
 
-from kure_jax.theory import plot_sensitivity
+from kure_jax.core.theory import plot_sensitivity
 
 if __name__ == "__main__":
   default = pathlib.Path(__file__).resolve().parent.parent / "docs" / "theory.png"

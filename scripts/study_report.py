@@ -17,7 +17,7 @@ import shutil
 import sys
 from typing import Any
 
-from kure_jax import report
+from kure_jax.evaluation import report
 from kure_jax.metrics import read_metrics
 
 MODELS = {"baseline": "baseline", "kure": "KURE (K_T 1.8)", "grad_l1": "gradient-ℓ1",

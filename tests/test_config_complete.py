@@ -280,8 +280,8 @@ def test_the_suggestions_are_found():
 @pytest.mark.parametrize("where, config_file, overrides, command", suggested_overrides(),
                          ids=lambda x: str(x)[:60])
 def test_suggested_override_works(monkeypatch, where, config_file, overrides, command):
-  from kure_jax.evaluate import grid_from_config
-  from kure_jax.train import validate_config
+  from kure_jax.evaluation.evaluate import grid_from_config
+  from kure_jax.training.train import validate_config
 
   monkeypatch.chdir(REPO)
   config = parse(config_file, overrides)  # an undeclared field or a value of the wrong type raises here

@@ -12,8 +12,8 @@ import pytest
 from tests.helpers import REPO
 from tests.test_train import cli_args, env, tiny_config, write_class_folders
 from kure_jax.errors import UserError
-from kure_jax.evaluate import run_eval
-from kure_jax.train import train_and_evaluate
+from kure_jax.evaluation.evaluate import run_eval
+from kure_jax.training.train import train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,8 @@ MULTI_DEVICE_EVAL = textwrap.dedent("""
     import jax
     from kure_jax import data, models, sharding
     from kure_jax.checkpoint import load_variables
-    from kure_jax.evaluate import run_eval
-    from kure_jax.robustness import Grid, Sweep
+    from kure_jax.evaluation.evaluate import run_eval
+    from kure_jax.evaluation.robustness import Grid, Sweep
     from tests.test_eval import eval_config
     c = eval_config(sys.argv[1], eval_batch_size=12)
     variables, _ = load_variables(sys.argv[2])

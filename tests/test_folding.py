@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kure_jax import models
-from kure_jax.folding import conv_bn_pairs, fold_batchnorm
+from kure_jax.evaluation.folding import conv_bn_pairs, fold_batchnorm
 
 
 def with_random_bn(variables, seed=0):

@@ -1,4 +1,4 @@
-"""kure_jax.format_theory against SciPy quadrature, kure_jax.theory and Monte Carlo of fake_quantize."""
+"""kure_jax.core.format_theory against SciPy quadrature, kure_jax.core.theory and Monte Carlo of fake_quantize."""
 
 import functools
 import math
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
-from kure_jax import format_theory as T
-from kure_jax import theory
-from kure_jax.formats import SCALAR_FORMATS, SPECS, fake_quantize
+from kure_jax.core import format_theory as T
+from kure_jax.core import theory
+from kure_jax.core.formats import SCALAR_FORMATS, SPECS, fake_quantize
 
 MC_BETAS = (math.inf, 2.0, 1.0, 0.5)  # kurtosis 1.8, 3, 6, 25.2
 N_MC = 1 << 19
@@ -85,7 +85,7 @@ def test_exact_mse_equals_quadrature(fmt, beta, ratio):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6])
 def test_grid_mse_equals_kure_theory_on_the_midrise_grid(bits):
-  # kure_jax.theory's exact MSEs (closed forms of its own) on the same grid, Gaussian and uniform
+  # kure_jax.core.theory's exact MSEs (closed forms of its own) on the same grid, Gaussian and uniform
   half = 2 ** (bits - 1)
   midrise = np.arange(-half, half) + 0.5
   for step in (0.5 * 2.0 ** -bits, 3.0 / half, 1.0 / half):

@@ -1,4 +1,4 @@
-"""kure_jax.formats against NumPy + ml_dtypes casts and an independent NumPy MX/NVFP4 conversion."""
+"""kure_jax.core.formats against NumPy + ml_dtypes casts and an independent NumPy MX/NVFP4 conversion."""
 
 import math
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from kure_jax import formats as F
-from kure_jax.formats import fake_quantize, fake_quantize_by_index
+from kure_jax.core import formats as F
+from kure_jax.core.formats import fake_quantize, fake_quantize_by_index
 
 # ---------------------------------------------------------------- NumPy references (independent)
 

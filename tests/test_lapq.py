@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax import quant
+from kure_jax.core import quant
 from kure_jax.errors import UserError
-from kure_jax import lapq as lapq_lib
-from kure_jax.lapq import Lapq, fit_p, lapq
+from kure_jax.evaluation import lapq as lapq_lib
+from kure_jax.evaluation.lapq import Lapq, fit_p, lapq
 from kure_jax.models.layers import quant_hook
-from kure_jax.robustness import Grid, Sweep
+from kure_jax.evaluation.robustness import Grid, Sweep
 from tests.helpers import SHARED_CIFAR10
 from tests.test_robustness import Net
 
@@ -133,7 +133,7 @@ def test_lapq_steps_are_the_sweeps_base_step(small):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(), r"needs lapq_steps for every bit-width \(missing: 2, 3\): run kure_jax.lapq.grid_steps"),
+    (dict(), r"needs lapq_steps for every bit-width \(missing: 2, 3\): run kure_jax.evaluation.lapq.grid_steps"),
     (dict(lapq_steps={2: {}}), r"\(missing: 3\)"),
 ])
 def test_lapq_user_errors(small, kw, message):
@@ -234,7 +234,7 @@ def test_real_cifar10_lapq_beats_mse_steps(tmp_path):
   from kure_jax import data, models
   from kure_jax.checkpoint import load_variables
   from kure_jax.calibration import calibration_sample
-  from kure_jax.train import train_and_evaluate
+  from kure_jax.training.train import train_and_evaluate
 
   c = cifar10_resnet20.get_config()
   c.dataset.data_dir = str(SHARED_CIFAR10)
@@ -267,8 +267,8 @@ def test_real_cifar10_lapq_beats_mse_steps(tmp_path):
 def test_run_eval_with_lapq(tmp_path):
   from tests.test_eval import eval_config
   from tests.test_train import tiny_config, write_class_folders
-  from kure_jax.evaluate import run_eval
-  from kure_jax.train import train_and_evaluate
+  from kure_jax.evaluation.evaluate import run_eval
+  from kure_jax.training.train import train_and_evaluate
 
   folder = write_class_folders(tmp_path / "data")
   workdir = str(tmp_path / "run")

@@ -62,16 +62,42 @@ def test_no_import_cycles():
 
 def test_the_graph_sees_function_level_imports():
   """The control: lapq reads the task's sums (once imported inside a function, from train)."""
-  assert "kure_jax.tasks" in imports_of(PKG / "lapq.py")
-  assert "kure_jax.calibration" in imports_of(PKG / "robustness.py")
+  assert "kure_jax.tasks" in imports_of(PKG / "evaluation" / "lapq.py")
+  assert "kure_jax.calibration" in imports_of(PKG / "evaluation" / "robustness.py")
 
 
-@pytest.mark.parametrize("module", ["kure_jax.evaluate", "kure_jax.robustness", "kure_jax.lapq", "kure_jax.report",
-                                    "kure_jax.calibration"])
+def test_layers():
+  """The subpackages show the architecture: the numerics core imports only itself and the shared helpers; models
+  import no training or evaluation; the evaluation side imports nothing from training (directly or through
+  another module)."""
+  g = graph()
+
+  def reach(m):
+    seen, todo = set(), [m]
+    while todo:
+      for d in g.get(todo.pop(), ()):
+        if d not in seen:
+          seen.add(d)
+          todo.append(d)
+    return seen
+
+  shared = {"kure_jax._checks", "kure_jax.errors", "kure_jax.tree_paths"}
+  for m in g:
+    if m.startswith("kure_jax.core."):
+      assert reach(m) <= {d for d in g if d.startswith("kure_jax.core")} | shared, m
+    if m.startswith("kure_jax.models"):
+      assert not {d for d in reach(m) if d.startswith(("kure_jax.training", "kure_jax.evaluation"))}, m
+    if m.startswith("kure_jax.evaluation"):
+      assert not {d for d in reach(m) if d.startswith("kure_jax.training")}, m
+  assert {m.split(".")[1] for m in g if m.count(".") >= 2} >= {"core", "models", "data", "training", "evaluation"}
+
+
+@pytest.mark.parametrize("module", ["kure_jax.evaluation.evaluate", "kure_jax.evaluation.robustness",
+                                    "kure_jax.evaluation.lapq", "kure_jax.evaluation.report", "kure_jax.calibration"])
 def test_evaluation_does_not_load_training(module):
   code = (f"import sys, {module}\n"
-          "print(sorted(m for m in sys.modules if m in ('kure_jax.train', 'optax', 'orbax.checkpoint')))")
+          "print(sorted(m for m in sys.modules if m in ('kure_jax.training.train', 'optax', 'orbax.checkpoint')))")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                      cwd=str(PKG.parent))
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "kure_jax.train" not in r.stdout, r.stdout
+  assert "kure_jax.training.train" not in r.stdout, r.stdout

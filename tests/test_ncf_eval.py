@@ -17,13 +17,15 @@ import pytest
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
-from kure_jax import qat, quant, report, sharding, tasks
+from kure_jax import qat, sharding, tasks
+from kure_jax.core import quant
+from kure_jax.evaluation import report
 from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
-from kure_jax.evaluate import run_eval
+from kure_jax.evaluation.evaluate import run_eval
 from kure_jax.models.layers import quant_collection
-from kure_jax.robustness import Grid, Sweep
-from kure_jax.train import evaluate, kure_selection, make_eval_step, train_and_evaluate
+from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.training.train import evaluate, kure_selection, make_eval_step, train_and_evaluate
 from tests.helpers import REPO, override
 from tests.test_ncf_train import USERS, tiny_config, write_movielens
 
@@ -39,7 +41,7 @@ def trained(tmp_path_factory):
   result = train_and_evaluate(tiny_config(folder, num_epochs=2), workdir)
   c = tiny_config(folder)
   eval_ds = data_lib.make_dataset(c.dataset, "eval", batch_size=c.eval_batch_size, train=False, seed=0)
-  model = models_lib.get_model("neumf", 1, **qat.model_kwargs(c), **tasks.RANKING.model_kwargs(eval_ds))
+  model = models_lib.get_model("neumf", 1, **models_lib.model_kwargs(c), **tasks.RANKING.model_kwargs(eval_ds))
   variables, _ = load_variables(workdir)
   return {"folder": folder, "workdir": workdir, "result": result, "config": c, "eval_ds": eval_ds,
           "model": model, "variables": variables}

@@ -18,7 +18,7 @@ from kure_jax import tasks
 from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
 from kure_jax.metrics import read_metrics
-from kure_jax.train import train_and_evaluate, validate_config
+from kure_jax.training.train import train_and_evaluate, validate_config
 from tests.helpers import override
 
 SHARED_MOVIELENS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens"

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from kure_jax import data, models, qat
-from kure_jax import quant as Q
+from kure_jax.core import quant as Q
 from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
-from kure_jax.evaluate import eval_settings, run_eval
+from kure_jax.evaluation.evaluate import eval_settings, run_eval
 from kure_jax.models.layers import bias_correct
-from kure_jax.robustness import Grid, Sweep
-from kure_jax.train import train_and_evaluate
+from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.training.train import train_and_evaluate
 from tests.test_train import tiny_config, write_class_folders
 
 
@@ -140,7 +140,7 @@ def test_dorefa_sliding_mode(folder, tmp_path):
   variables, meta = load_variables(workdir)
   ds = data.make_dataset(qc.dataset, "eval", batch_size=10, train=False, seed=0)
   calib = [data.make_dataset(qc.dataset, "train", batch_size=10, train=False, seed=0).get_batch(0)["image"]]
-  model = models.get_model("resnet20", 2, **{**qat.model_kwargs(qc), "weight_grid": "sliding"})
+  model = models.get_model("resnet20", 2, **{**models.model_kwargs(qc), "weight_grid": "sliding"})
   grid = Grid(bits=(4,), ratios=(0.7, 1.0, 1.3), methods=("learned",), targets=("both",), weight_grid="sliding",
               dorefa_mode="sliding")
   sweep = Sweep(model, variables, grid, calibration=calib, qat=meta["quant"])

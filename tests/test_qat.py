@@ -10,13 +10,13 @@ import pytest
 
 from configs import cifar10_resnet20
 from kure_jax import data, models, qat
-from kure_jax import quant as Q
+from kure_jax.core import quant as Q
 from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
 from kure_jax.metrics import read_metrics
 from kure_jax.models.layers import QDense
-from kure_jax.robustness import Grid, Sweep
-from kure_jax.train import train_and_evaluate, validate_config
+from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.training.train import train_and_evaluate, validate_config
 from tests.helpers import SHARED_CIFAR10, override
 from tests.test_train import tiny_config, write_class_folders
 
@@ -166,11 +166,11 @@ def test_qat_checkpoint_scores_itself(folder, float_run, tmp_path, method):
     init = qat.lsq_init(variables["params"]["layer2_1"]["conv1"]["kernel"], 4, "signed")
     assert abs(float(variables["qsteps"]["layer2_1/conv1/kernel"]["w_step"]) / float(init) - 1) < 0.5
   c = qat_config(folder, float_run, **{"quant.method": method})
-  model = models.get_model("resnet20", 2, **qat.model_kwargs(c))
+  model = models.get_model("resnet20", 2, **models.model_kwargs(c))
   ds = data.make_dataset(c.dataset, "eval", batch_size=10, train=False, seed=0)
   calib = [data.make_dataset(c.dataset, "train", batch_size=10, train=False, seed=0).get_batch(0)["image"]]
   grid = Grid(bits=(2, 4, 8), ratios=(0.9, 1.0), methods=("learned", "mse"), targets=("both",),
-              weight_grid=qat.model_kwargs(c).get("weight_grid", "signed"))
+              weight_grid=models.weight_grid(models.model_kwargs(c)))
   sweep = Sweep(model, variables, grid, calibration=calib, qat=meta["quant"])
   rows = sweep.score(list(ds.iterate()))
   at_trained = [r for r in rows if r["method"] == "learned" and r["bits"] == 4 and r["ratio"] == 1.0][0]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from kure_jax import quant
-from kure_jax.quant import quantize
+from kure_jax.core import quant
+from kure_jax.core.quant import quantize
 
 
 def np_quantize(x, step, bits, grid):
@@ -284,7 +284,7 @@ class MseStepVsTheoryTest(parameterized.TestCase):
   @parameterized.parameters(2, 3, 4, 6)
   def test_gaussian_clipping_value(self, bits):
     """mse_step on N(0,1) samples ↔ the closed-form optimum ↔ a Monte Carlo argmin."""
-    from kure_jax import theory
+    from kure_jax.core import theory
     x = np.random.default_rng(11).normal(size=1_000_000).astype(np.float32)
     half = 2 ** (bits - 1)
     clip_picker = half * float(quant.mse_step(x, bits, "midrise"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from kure_jax import report
+from kure_jax.evaluation import report
 
 
 @pytest.mark.parametrize("name,arm", [("kure_s1", "kure"), ("baseline_s0", "baseline"), ("ncf_act_s12", "ncf_act"),

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax import quant
+from kure_jax.core import quant
 from kure_jax.errors import UserError
 from kure_jax.models.layers import QConv, QDense, quant_collection
-from kure_jax.robustness import Grid, Sweep
-from kure_jax.train import classification_sums
+from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.training.train import classification_sums
 
 
 class Net(nn.Module):

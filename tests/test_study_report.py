@@ -9,7 +9,7 @@ import pytest
 
 from matplotlib.figure import Figure
 
-from kure_jax import report
+from kure_jax.evaluation import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""kure_jax.theory against Monte Carlo, SciPy, the classical optima and the paper."""
+"""kure_jax.core.theory against Monte Carlo, SciPy, the classical optima and the paper."""
 
 import functools
 import math
@@ -10,7 +10,7 @@ import numpy as np
 from absl.testing import parameterized
 from scipy import integrate, optimize, stats
 
-from kure_jax.theory import (
+from kure_jax.core.theory import (
     gaussian_mse,
     gaussian_optimal_step,
     sensitivity,

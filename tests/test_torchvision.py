@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 from configs import resnet18 as resnet18_config
-from kure_jax import models, torchvision_weights
+from kure_jax import models
+from kure_jax.models import torchvision_weights
 from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
 from kure_jax.metrics import read_metrics
-from kure_jax.train import train_and_evaluate
+from kure_jax.training.train import train_and_evaluate
 from tests.helpers import REPO, override
 
 try:
@@ -217,7 +218,7 @@ def test_missing_imagenet_and_weights_is_one_line_saying_how(tmp_path):
 
 
 def test_weights_present_without_torch_and_resume(tmp_path, monkeypatch):
-  from kure_jax.train import _init_weights_missing
+  from kure_jax.training.train import _init_weights_missing
 
   c = resnet18_config.get_config()
   pth = tmp_path / "resnet18-f37072fd.pth"
@@ -319,7 +320,7 @@ def test_imagenet_config_costs(name):
   import importlib
 
   from kure_jax.data import make_dataset
-  from kure_jax.train import TrainState, make_optimizer, make_schedule, make_train_step
+  from kure_jax.training.train import TrainState, make_optimizer, make_schedule, make_train_step
 
   tfds = pytest.importorskip("tensorflow_datasets")
   steps, epochs, gflop = COSTS[name]

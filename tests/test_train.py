@@ -16,7 +16,7 @@ from configs import cifar10_resnet20
 from kure_jax.checkpoint import Checkpointer, load_variables
 from kure_jax.errors import UserError
 from kure_jax.metrics import read_metrics
-from kure_jax.train import train_and_evaluate
+from kure_jax.training.train import train_and_evaluate
 from tests.helpers import REPO, SHARED_CIFAR10, override, write_class_folders
 
 
@@ -178,7 +178,7 @@ MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     from configs import cifar10_resnet20
     from kure_jax import data, models, sharding
-    from kure_jax.train import create_state, make_optimizer, make_schedule, make_train_step
+    from kure_jax.training.train import create_state, make_optimizer, make_schedule, make_train_step
     c = cifar10_resnet20.get_config()
     c.dataset.name, c.dataset.data_dir, c.dataset.num_classes, c.dataset.cache = "folder", sys.argv[1], 2, False
     c.kure.weight = 1.0
@@ -241,7 +241,7 @@ def test_real_cifar10_kure_moves_kurtosis_and_loss_falls(tmp_path):
 @pytest.mark.parametrize("name", ["cifar10_resnet20", "resnet18", "resnet50", "mobilenet_v2"])
 def test_configs_validate(name):
   import importlib
-  from kure_jax.train import validate_config
+  from kure_jax.training.train import validate_config
   config = importlib.import_module(f"configs.{name}").get_config()
   validate_config(config)
   assert config.kure.target == 1.8

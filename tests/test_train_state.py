@@ -9,7 +9,7 @@ import pytest
 from configs import cifar10_resnet20
 from kure_jax import models, qat, sharding
 from kure_jax.checkpoint import Checkpointer, load_variables
-from kure_jax.train import (TrainState, _with_lsq_steps, create_state, make_optimizer, make_schedule,
+from kure_jax.training.train import (TrainState, _with_lsq_steps, create_state, make_optimizer, make_schedule,
                             make_train_step, params_only)
 
 META = {"model": "resnet20", "num_classes": 2, "param_shapes": {}}
@@ -36,7 +36,7 @@ def _setup(lsq):
   if lsq:
     probe = _batches(1, seed=9)[0]["image"]
     spec = qat.make_spec(c, model, state.variables, probe)
-    state = _with_lsq_steps(state, spec, model, probe, tx, "signed")
+    state = _with_lsq_steps(state, spec, model, probe, tx)
     meta["quant"] = spec.meta()
   return state, jax.jit(make_train_step(model, tx, c, schedule, spec)), meta
 

@@ -10,8 +10,8 @@ import pytest
 from kure_jax import data, models, sharding, weights
 from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
-from kure_jax.kurtosis import kurtosis_by_layer
-from kure_jax.train import evaluate, make_eval_step
+from kure_jax.core.kurtosis import kurtosis_by_layer
+from kure_jax.training.train import evaluate, make_eval_step
 from tests.helpers import REPO
 
 CIFAR = os.path.join(REPO, "..", "shared", "data", "cifar10")
@@ -80,9 +80,9 @@ def test_shipped_weights_reproduce_their_manifest(name):
 
 def test_package_exports_the_entry_points():
   import kure_jax
-  from kure_jax.evaluate import run_eval
-  from kure_jax.robustness import Grid, Sweep
-  from kure_jax.train import train_and_evaluate
+  from kure_jax.evaluation.evaluate import run_eval
+  from kure_jax.evaluation.robustness import Grid, Sweep
+  from kure_jax.training.train import train_and_evaluate
 
   assert (kure_jax.Sweep, kure_jax.Grid, kure_jax.run_eval, kure_jax.train_and_evaluate) == (
       Sweep, Grid, run_eval, train_and_evaluate)

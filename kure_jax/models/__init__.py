@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kure_jax.models.layers import QConv, QDense, quant_collection
+from kure_jax.models.layers import DEFAULT_WEIGHT_GRID, QConv, QDense, quant_collection
 from kure_jax.models.mobilenet import MobileNetV2
 from kure_jax.models.neumf import NeuMF
 from kure_jax.models.resnet import CifarResNet, ResNet, ResNet18, ResNet50
@@ -122,7 +122,27 @@ def torch_module_path(name: str) -> str:
   return _INDEXED.sub(r"\1\2_\3", name).replace(".", "/")
 
 
+QAT_WEIGHT_GRIDS = {"dorefa": "midrise"}  # QAT methods whose weights sit on one grid (DoReFa's 2^M levels)
+
+
+def model_kwargs(config: Any) -> dict[str, Any]:
+  """The model's keyword arguments of a config: ``config.model_kwargs``, with the weight grid its QAT method fixes
+  (DoReFa: midrise)."""
+  kw = dict(config.get("model_kwargs", {}))
+  q = config.get("quant")
+  if q is not None and q.method in QAT_WEIGHT_GRIDS:
+    kw["weight_grid"] = QAT_WEIGHT_GRIDS[q.method]
+  return kw
+
+
+def weight_grid(kwargs: Any) -> str:
+  """The weight grid a model built with `kwargs` quantizes on."""
+  return kwargs.get("weight_grid", DEFAULT_WEIGHT_GRID)
+
+
 __all__ = [
+    "DEFAULT_WEIGHT_GRID",
+    "QAT_WEIGHT_GRIDS",
     "ALL_MODELS",
     "MODELS",
     "NeuMF",
@@ -139,7 +159,9 @@ __all__ = [
     "init_variables",
     "inner_convs",
     "kernel_call_order",
+    "model_kwargs",
     "param_count",
     "quant_collection",
+    "weight_grid",
     "torch_module_path",
 ]

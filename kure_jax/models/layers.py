@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kure_jax import formats as F
-from kure_jax import quant as Q
+from kure_jax.core import formats as F
+from kure_jax.core import quant as Q
 from kure_jax import tree_paths
-from kure_jax.kurtosis import kernel_leaves
+from kure_jax.core.kurtosis import kernel_leaves
 from kure_jax.models.conv import conv2d
 
 QUANT = "quant"
@@ -44,6 +44,7 @@ def _maybe_quantize(x: jax.Array, step: jax.Array, bits: jax.Array, grid: str) -
   return jnp.where(bits > 0, q, x)
 
 
+DEFAULT_WEIGHT_GRID = "signed"  # QConv/QDense's weight grid unless a model is given another
 BIAS_CORRECTIONS = ("none", "mean", "mean_std")  # index = the value of 'w_bias_corr'
 
 
@@ -73,7 +74,7 @@ class LayerQuant:
     w_tanh             DoReFa: normalize the kernel to tanh(w)/max|tanh w| first
     w_bias_corr        bias correction of the quantized kernel per output channel, an index into
                        `BIAS_CORRECTIONS` (see `bias_correct`); needs w_bits
-    w_fmt, w_scale, w_ratio   a number format of `kure_jax.formats` (an index into `formats.FORMATS`;
+    w_fmt, w_scale, w_ratio   a number format of `kure_jax.core.formats` (an index into `formats.FORMATS`;
                        −1 keeps the integer grid above), its scale (per tensor or per channel) and a step
                        ratio; block formats run along the kernel's input axis
     a_bits, a_step     input-activation bit-width (0: float) and step (scalar)
@@ -168,7 +169,7 @@ class QConv(nn.Module):
   padding: str | Sequence[tuple[int, int]] = "SAME"
   feature_group_count: int = 1
   use_bias: bool = False
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   act_grid: str = "unsigned"  # the grid for this layer's input: unsigned after a ReLU
   kernel_init: Callable[..., Any] = default_kernel_init
   bias_init: Callable[..., Any] = nn.initializers.zeros
@@ -195,7 +196,7 @@ class QDense(nn.Module):
 
   features: int
   use_bias: bool = True
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   act_grid: str = "unsigned"
   kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
   bias_init: Callable[..., Any] = nn.initializers.zeros

@@ -21,7 +21,7 @@ quantizers only (`quant_weight`: w_tanh, w_bits/w_step/w_bias_corr, w_fmt/w_scal
 steps run along the features axis, block formats along the ids). It sows no "input" and ignores a_* entries.
 With the default False the tables are named 'embedding' and stay in float, invisible to KURE and sweeps.
 
-Kurtosis selection (`kure_jax.kurtosis.select_kernels`) with the default skip_stem/skip_head: the stem is
+Kurtosis selection (`kure_jax.core.kurtosis.select_kernels`) with the default skip_stem/skip_head: the stem is
 'layer1' (the first dense layer in name order), the head is 'prediction'.
 """
 

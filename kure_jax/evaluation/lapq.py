@@ -3,7 +3,7 @@
 For one bit-width, on a small labelled calibration set (512 images by default):
 
 1. Lp initialization: for every quantized layer, the step minimizing ``E|Q(x) − x|^p`` of its weights (and, when
-   activations are quantized, of its recorded inputs) for each p in {2, 2.5, 3} (`kure_jax.quant.lp_step`).
+   activations are quantized, of its recorded inputs) for each p in {2, 2.5, 3} (`kure_jax.core.quant.lp_step`).
 2. p*: the calibration cross-entropy of the model quantized with each p's steps, a quadratic fitted to loss(p)
    (``np.polyfit``, as the authors do) and its minimizer, kept inside the sampled range (interpolation; the best
    sampled p when the fit is not convex). The Lp steps at p* initialize the search.
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kure_jax import quant as Q
+from kure_jax.core import quant as Q
 from kure_jax import tree_paths
 from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid, record_activations
@@ -271,7 +271,7 @@ GRID_OPTIONS = ("ps", "iterations", "max_evals", "progress", "chunk_size")
 
 def grid_steps(model, variables: dict, grid, paths: Sequence[str], calibration: Mapping | Iterable[Mapping], *,
                options: Mapping[str, Any] | None = None, dorefa: bool = False) -> dict[int, LapqResult]:
-  """LAPQ at every bit-width of a robustness grid (`kure_jax.robustness.Grid`), run before the sweep:
+  """LAPQ at every bit-width of a robustness grid (`kure_jax.evaluation.robustness.Grid`), run before the sweep:
   ``Sweep(..., lapq_steps={b: r.steps for b, r in results.items()})`` then sweeps them over ratios and policies.
 
   One run per bit-width serves every target of the grid: it searches the weight steps if any target quantizes

@@ -15,9 +15,9 @@ on CPU (benchmarks/sweep.py): each point runs at 1.15× the speed of a float for
 pass, while `vmap` over points turns every conv into a grouped conv with a batch of
 kernels, which XLA:CPU runs 8× slower. On GPU/TPU a larger chunk may pay; measure.
 
-Base-step method "lapq" (loss-aware PTQ, `kure_jax.lapq`) is not a function of one layer's
+Base-step method "lapq" (loss-aware PTQ, `kure_jax.evaluation.lapq`) is not a function of one layer's
 tensor: its steps come from a Powell search over the whole model's calibration loss, run
-before the sweep (`kure_jax.lapq.grid_steps`), once per bit-width of the grid, and enter the
+before the sweep (`kure_jax.evaluation.lapq.grid_steps`), once per bit-width of the grid, and enter the
 compiled function as a precomputed table (``Sweep(..., lapq_steps=...)``), so LAPQ steps are
 swept over ratios and policies like any other Δ̃. One LAPQ run serves every target of the
 grid: it quantizes the weights if any target quantizes weights and the activations if any target quantizes activations (the widest target),
@@ -43,15 +43,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kure_jax import formats as formats_lib
+from kure_jax.core import formats as formats_lib
 from kure_jax import qat as qat_lib
-from kure_jax import quant as Q
-from kure_jax import step_providers
+from kure_jax.core import quant as Q
+from kure_jax.evaluation import step_providers
 from kure_jax import tree_paths
 from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid, record_activations
 from kure_jax.errors import UserError
-from kure_jax.kurtosis import select_kernels
+from kure_jax.core.kurtosis import select_kernels
 from kure_jax.models.layers import BIAS_CORRECTIONS, LayerQuant, quant_collection
 from kure_jax.tasks import CLASSIFICATION, Task
 
@@ -76,7 +76,7 @@ class Grid:
   bias_correction: str = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
   dorefa_mode: str = "symmetric"    # DoReFa checkpoints: symmetric (Δ = ratio·Δ̃, weights and activations) |
                                     # sliding (the KURE authors': weights only, Δ = Δ̃/ratio on the 'sliding' grid)
-  formats: tuple[str, ...] = ()     # number formats of kure_jax.formats (fp8_e4m3, mxfp4, nvfp4, int4, …): more points,
+  formats: tuple[str, ...] = ()     # number formats of kure_jax.core.formats (fp8_e4m3, mxfp4, nvfp4, int4, …): more points,
                                     # each format at its max scaling × ratio, beside the integer-grid points of `bits`
 
   def validate(self) -> "Grid":
@@ -252,7 +252,7 @@ class Sweep:
   and the base-step method "learned" rescales its trained steps to each bit-width
   (Δ_k = Δ_b·(2^b − 1)/(2^k − 1)), beside re-optimized ones ("mse", ...).
 
-  Method "lapq" takes LAPQ's steps, computed beforehand (`kure_jax.lapq.grid_steps`, a minutes-long
+  Method "lapq" takes LAPQ's steps, computed beforehand (`kure_jax.evaluation.lapq.grid_steps`, a minutes-long
   search that has no place in a constructor), as `lapq_steps`: {bits: {kernel path: {"w": step,
   "a": step or None}}} for every bit-width of the grid.
   """
@@ -277,7 +277,7 @@ class Sweep:
       missing = sorted(set(grid.bits) - {int(b) for b in (lapq_steps or {})})
       if missing:
         raise UserError(f"grid.methods 'lapq' needs lapq_steps for every bit-width (missing: "
-                        f"{', '.join(map(str, missing))}): run kure_jax.lapq.grid_steps on labelled calibration data "
+                        f"{', '.join(map(str, missing))}): run kure_jax.evaluation.lapq.grid_steps on labelled calibration data "
                         "(e.g. 512 train images) first.")
     if grid.dorefa_mode == "sliding" and not self.dorefa:
       raise UserError("grid.dorefa_mode 'sliding' is the authors' DoReFa perturbation: it needs a DoReFa checkpoint.")

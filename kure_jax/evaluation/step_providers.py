@@ -6,11 +6,11 @@ the grid's granularity is 'channel'; 'a' only for the layers whose inputs are qu
 stacks one table per base-step method and scales the steps by its ratios and policies; it does not care
 where they came from:
 
-- statistics of one layer's tensor (mse, max, aciq_gauss, aciq_laplace: `kure_jax.quant.STEP_METHODS`), computed
+- statistics of one layer's tensor (mse, max, aciq_gauss, aciq_laplace: `kure_jax.core.quant.STEP_METHODS`), computed
   inside the compiled scorer with traced bit-widths (`statistic_table`);
 - a QAT checkpoint's learned steps, rescaled from the trained bit-width by the authors' rule
   (`learned_table`);
-- steps found beforehand by a search over the whole model (LAPQ, `kure_jax.lapq.grid_steps`), checked and
+- steps found beforehand by a search over the whole model (LAPQ, `kure_jax.evaluation.lapq.grid_steps`), checked and
   shaped on the host (`precomputed_table`).
 """
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kure_jax import quant as Q
+from kure_jax.core import quant as Q
 from kure_jax.errors import UserError
 from kure_jax.qat import rescale_step
 

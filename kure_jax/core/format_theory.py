@@ -3,7 +3,7 @@
 KURE pushes weights towards kurtosis 1.8 (uniform) because that is best for a *uniform*
 (integer) grid. Floating-point grids are log-like (relative precision), so the best weight
 shape for them need not be the same. This module computes, for each scalar format of
-`kure_jax.formats`, the exact mean squared error of ``fake_quantize`` at the optimal scale
+`kure_jax.core.formats`, the exact mean squared error of ``fake_quantize`` at the optimal scale
 for the generalized Gaussian family
 
     f(x) = β / (2αΓ(1/β)) · exp(−|x/α|^β),   α = √(Γ(1/β)/Γ(3/β))   (unit variance),
@@ -19,7 +19,7 @@ sum over cells [m_k, m_{k+1}] (midpoints between grid values; the outer cells re
 ∫_a^b x^n f dx = α^n Γ((n+1)/β) / (2Γ(1/β)) · [P((n+1)/β, (b/α)^β) − P((n+1)/β, (a/α)^β)]
 use SciPy's regularized incomplete gamma P (its complement Q in the upper tail, which keeps
 float64 accuracy there). The tests check this against ``scipy.integrate.quad`` and against
-Monte Carlo of ``kure_jax.formats.fake_quantize``.
+Monte Carlo of ``kure_jax.core.formats.fake_quantize``.
 
 The optimal scale is found by a log-spaced scan of the clipping value (scale × largest value)
 over 0.25 … 512 σ (16 points per octave; 64 for β > 4 and 128 for the uniform, whose MSE
@@ -39,7 +39,7 @@ import numpy as np
 from scipy import optimize, special
 
 from kure_jax import _checks
-from kure_jax import formats as _formats
+from kure_jax.core import formats as _formats
 
 SQRT3 = math.sqrt(3.0)
 _CLIP_LO, _CLIP_HI, _PER_OCTAVE, _REFINE = 0.25, 512.0, 16, 3

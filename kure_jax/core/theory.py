@@ -362,7 +362,7 @@ def plot_sensitivity(path: str, bits: tuple[int, ...] = (2, 3, 4), sigma: float 
 
   Top row, one panel per bit-width: MSE(Δ) for both distributions, exact (solid) and
   the paper's model (dashed), optima marked, and Monte Carlo dots: the MSE of the
-  library's own quantizer (`kure_jax.quant.quantize`, midrise grid) on 2·10⁵ samples. Bottom row: Γ(ε) for the same absolute
+  library's own quantizer (`kure_jax.core.quant.quantize`, midrise grid) on 2·10⁵ samples. Bottom row: Γ(ε) for the same absolute
   ε ∈ [0, 0.3·Δ̃_U]: exact direct difference at each exact optimum (solid) and the
   paper's Lemma 1 on the paper's model (dashed; Lemma 3's step for the uniform, the
   model optimum for the Gaussian).
@@ -372,7 +372,7 @@ def plot_sensitivity(path: str, bits: tuple[int, ...] = (2, 3, 4), sigma: float 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from kure_jax import quant
+  from kure_jax.core import quant
 
   a = math.sqrt(3.0) * sigma
   key_u, key_g = jax.random.split(jax.random.key(0))

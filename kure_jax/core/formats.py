@@ -11,8 +11,8 @@ Formats (`FORMATS`):
 =================  ===============================  ==========================================
 name               values                           scaling
 =================  ===============================  ==========================================
-int2 … int8        signed integer grid −2^(b−1) …    `scale` = the step Δ (kure_jax.quant's
-                   2^(b−1)−1 (kure_jax.quant)        'signed' grid, reused)
+int2 … int8        signed integer grid −2^(b−1) …    `scale` = the step Δ (kure_jax.core.quant's
+                   2^(b−1)−1 (kure_jax.core.quant)        'signed' grid, reused)
 fp8_e4m3           OCP FP8 E4M3 (no inf, max 448)   `scale` = the step: x ≈ scale · element
 fp8_e5m2           OCP FP8 E5M2 (max 57344)
 fp6_e3m2           OCP FP6 E3M2 (max 28)
@@ -28,7 +28,7 @@ nvfp4              blocks of 16, E2M1 elements      one E4M3 scale per block, re
 
 Scalar formats: ``cast(clip(x / Δ, ±max), fmt) · Δ`` with Δ = ``scale · ratio`` (broadcastable:
 per tensor or per channel), round-to-nearest-even and saturation (the integer grid clips to
-[−2^(b−1), 2^(b−1)−1] like kure_jax.quant). ``scale=None`` is max scaling, Δ = amax · (1/max)
+[−2^(b−1), 2^(b−1)−1] like kure_jax.core.quant). ``scale=None`` is max scaling, Δ = amax · (1/max)
 (amax over the whole tensor; `max_scale` gives per-channel ones). The float casts use the dtypes JAX ships (float8_e4m3fn,
 float8_e5m2, float4_e2m1fn); XLA:CPU cannot convert to float6 (jax 0.10.2: "Invalid XLA
 PrimitiveType"), so fp6 rounds through the float8 type with the same mantissa bits
@@ -73,7 +73,7 @@ rounding and MX up to a power of two (r and 2r give the same MX result).
 Gradients: for x, straight-through: 1 where x/step is inside the clipping range, 0 where it
 saturates (in block formats too: an MX block maximum above the element maximum gets 0).
 Derived scales (max scaling, block scales) are constants (stop_gradient); a `scale` or `ratio`
-you pass gets LSQ's gradient (``cast(v) − v`` inside, ±max outside), as in kure_jax.quant.
+you pass gets LSQ's gradient (``cast(v) − v`` inside, ±max outside), as in kure_jax.core.quant.
 Arithmetic is float32 whatever x's dtype (bfloat16 is upcast, float64 rounded to float32).
 
 Checks (when called eagerly): unknown formats, a `block_size` for a scalar format, an axis out
@@ -93,7 +93,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from kure_jax import _checks, quant
+from kure_jax import _checks
+
+from kure_jax.core import quant
 
 _TINY = float(np.finfo(np.float32).tiny)
 
@@ -269,7 +271,7 @@ def _fake_quantize(x32: jax.Array, scale, ratio, sp: FormatSpec, axis: int, bloc
     return _block_quantize(x32, sp, scale, ratio, axis, block or sp.block_size)
   step = scale * ratio
   v = x32 * (1.0 / step)
-  if sp.kind == "int":  # kure_jax.quant's signed grid at step 1: round half to even, clip, STE
+  if sp.kind == "int":  # kure_jax.core.quant's signed grid at step 1: round half to even, clip, STE
     return quant.quantize_traced(v, jnp.float32(1.0), sp.bits, "signed") * step
   return _ste_round(v, sp.largest, sp.element) * step
 

@@ -17,14 +17,16 @@ import numpy as np
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
-from kure_jax import lapq, qat, report, sharding
+from kure_jax import qat, sharding
+from kure_jax.evaluation import lapq
+from kure_jax.evaluation import report
 from kure_jax import tasks as tasks_lib
 from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
-from kure_jax.folding import fold_batchnorm
-from kure_jax.kurtosis import kernel_selection
-from kure_jax.robustness import Grid, Sweep, quantized_paths
+from kure_jax.evaluation.folding import fold_batchnorm
+from kure_jax.core.kurtosis import kernel_selection
+from kure_jax.evaluation.robustness import Grid, Sweep, quantized_paths
 
 
 # The quantizer conventions of each `config.eval.preset`: a field left unset in config.eval takes its preset's value.
@@ -129,7 +131,7 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   except (ValueError, FileNotFoundError) as e:
     raise UserError(str(e)) from e
   model = models_lib.get_model(config.model, config.dataset.num_classes,
-                               **{**qat.model_kwargs(config), **task.model_kwargs(eval_ds),
+                               **{**models_lib.model_kwargs(config), **task.model_kwargs(eval_ds),
                                   "weight_grid": grid.weight_grid})
   size = config.dataset.image_size
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *task.example_inputs((size, size, 3))))

@@ -10,7 +10,7 @@ is restarted ends bit-identical to an uninterrupted one (on CPU): the state (`Tr
 params, batch statistics, optimizer state, step and LSQ's learned steps, the data order and augmentation
 are functions of (seed, step), and the dropout key is ``fold_in(seed, step)``.
 
-``config.train_sweep`` (off by default) also scores a small robustness grid (`kure_jax.robustness.Sweep`) at
+``config.train_sweep`` (off by default) also scores a small robustness grid (`kure_jax.evaluation.robustness.Sweep`) at
 every epoch evaluation, logged in the same 'eval' record as ``sweep/<w|a|wa><bits>_r<ratio>/<metric>``.
 """
 
@@ -33,18 +33,19 @@ from flax import struct
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
-from kure_jax import qat, sharding, torchvision_weights
+from kure_jax import qat, sharding
+from kure_jax.models import torchvision_weights
 from kure_jax import tasks as tasks_lib
 from kure_jax import tree_paths
 from kure_jax._checks import whole_bits
 from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
 from kure_jax.errors import UserError
-from kure_jax.gradient_l1 import with_gradient_l1
-from kure_jax.kurtosis import (REDUCTIONS, kernel_selection, kure_penalty, kurtosis, kurtosis_by_layer,
+from kure_jax.training.gradient_l1 import with_gradient_l1
+from kure_jax.core.kurtosis import (REDUCTIONS, kernel_selection, kure_penalty, kurtosis, kurtosis_by_layer,
                                select_kernels)
 from kure_jax.metrics import MetricWriter
-from kure_jax.robustness import TARGETS, Grid, Sweep
+from kure_jax.evaluation.robustness import TARGETS, Grid, Sweep
 from kure_jax.tasks import CLASSIFICATION, Task, classification_sums, cross_entropy  # noqa: F401 (re-exported)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -271,7 +272,6 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
   selection = kure_selection(config)
   reduction = config.kure.reduction
   base_key = jax.random.PRNGKey(config.seed)
-  weight_grid = qat.model_kwargs(config).get("weight_grid", "signed")
   mutable = ["batch_stats"] + (["intermediates"] if lam_a > 0 else [])
   reg = config.get("reg")
   lam_g = float(reg.grad_l1_weight) if reg is not None and reg.kind == "grad_l1" else 0.0
@@ -287,7 +287,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config: ml_collecti
       params = train_vars["params"] if learns else train_vars
       quant = {}
       if spec is not None and spec.method != "none":
-        quant = {"quant": qat.quant_for_training(spec, train_vars["qsteps"] if learns else {}, weight_grid)}
+        quant = {"quant": qat.quant_for_training(spec, train_vars["qsteps"] if learns else {})}
 
       def task_loss(p):
         logits, updates = model.apply({"params": p, "batch_stats": state.batch_stats, **quant},
@@ -349,7 +349,7 @@ def evaluate(eval_fn: Callable, variables: dict, dataset, mesh, progress: bool =
   return task.summarize(jax.device_get(totals))
 
 
-def sweep_grid(config: ml_collections.ConfigDict, weight_grid: str = "signed") -> Grid | None:
+def sweep_grid(config: ml_collections.ConfigDict, weight_grid: str = models_lib.DEFAULT_WEIGHT_GRID) -> Grid | None:
   """The Grid of ``config.train_sweep`` on the model's weight grid; None when its bits are () (off)."""
   s = config.get("train_sweep")
   if s is None or not s.bits:
@@ -445,13 +445,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get("max_steps"):
     total_steps = min(total_steps, int(config.max_steps))
 
-  model_kwargs = {**qat.model_kwargs(config), **task.model_kwargs(train_ds)}  # + what the data fixes (NeuMF's tables)
+  model_kwargs = {**models_lib.model_kwargs(config), **task.model_kwargs(train_ds)}  # + what the data fixes (NeuMF's tables)
   if config.get("dtype", "float32") != "float32":  # mixed precision: compute in bfloat16, params stay float32
     model_kwargs["dtype"] = jnp.dtype(config.dtype)
   model = models_lib.get_model(config.model, config.dataset.num_classes, **model_kwargs)
   eval_model = models_lib.get_model(  # the epoch-end evaluation is float32, whatever the training compute
       config.model, config.dataset.num_classes, **{k: v for k, v in model_kwargs.items() if k != "dtype"})
-  weight_grid = model_kwargs.get("weight_grid", "signed")
+  weight_grid = models_lib.weight_grid(model_kwargs)
   schedule = make_schedule(config, steps_per_epoch, total_steps)
   lsq = qat.method(config) == "lsq"
   tx = make_optimizer(config, schedule, decay_mask=params_only if lsq else None)
@@ -462,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     probe = np.asarray(train_ds.get_batch(0)["image"])
     spec = qat.make_spec(config, model, state.variables, probe)
     if lsq:
-      state = _with_lsq_steps(state, spec, model, probe, tx, weight_grid)
+      state = _with_lsq_steps(state, spec, model, probe, tx)
   meta = _meta(config, state.params)
   if spec is not None:
     meta["quant"] = spec.meta()
@@ -481,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     elif config.get("init_from"):
       state = _init_from(config, state, meta)
       if lsq:  # LSQ's steps start from the weights they will quantize
-        state = _with_lsq_steps(state, spec, model, probe, tx, weight_grid)
+        state = _with_lsq_steps(state, spec, model, probe, tx)
       state = sharding.replicate(state, mesh)
   except BaseException:
     ckpt.abort()  # release orbax's threads; the error on its way out is the one to report
@@ -543,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _check_finite(unchecked, ckpt)
         variables = state.variables
         if spec is not None:  # a QAT model is scored as it trains: quantized
-          variables["quant"] = qat.quant_for_training(spec, state.qsteps, weight_grid)
+          variables["quant"] = qat.quant_for_training(spec, state.qsteps)
         eval_metrics = evaluate(eval_step, variables, eval_ds, mesh, task=task)
         if grid is not None:  # compiled once per run (Sweep's plan cache); the weights are data
           sweep = Sweep(eval_model, {**state.variables, "qsteps": state.qsteps}, grid, calibration=calibration,
@@ -589,10 +589,10 @@ def _check_finite(unchecked: list[tuple[int, jax.Array, jax.Array]], ckpt: Check
 
 
 def _with_lsq_steps(state: TrainState, spec: qat.QatSpec, model, images: np.ndarray,
-                    tx: optax.GradientTransformation, weight_grid: str) -> TrainState:
+                    tx: optax.GradientTransformation) -> TrainState:
   """LSQ's initial steps (2·mean|x|/√Q_P from the current weights and one batch) and their optimizer state, in a
   state of ``learns_steps`` (`create_state`)."""
-  state = state.replace(qsteps=qat.init_steps(spec, model, state.variables, images, weight_grid))
+  state = state.replace(qsteps=qat.init_steps(spec, model, state.variables, images))
   return state.replace(opt_state=tx.init(state.trainables()))
 
 
