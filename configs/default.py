@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.method = "none"             # none | dorefa | lsq
   c.quant.w_bits = 4                  # weight bits, 2…16
   c.quant.a_bits = 4                  # 0 keeps activations in float
+  c.quant.dorefa_form = "inputs"      # DoReFa's activations: inputs (the quantized layers' inputs) | relus (the
+                                      # authors' model: every ReLU, residual stream included, clamped to [0, 1] and
+                                      # quantized; ResNets only)
   c.quant.include = ""                # regexes over kernel paths, as for kure
   c.quant.exclude = ""                # regex removing layers after include
   c.quant.skip_stem = True            # the first layer and the classifier stay in float,

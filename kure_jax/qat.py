@@ -23,7 +23,7 @@ with the method and bit-widths in the checkpoint metadata; the robustness evalua
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,9 +38,10 @@ from kure_jax.calibration import act_grid
 from kure_jax.core import quant as Q
 from kure_jax.core.kurtosis import kernel_selection, select_kernels
 from kure_jax.errors import UserError
-from kure_jax.models.layers import INTERMEDIATES, LayerQuant, quant_collection
+from kure_jax.models.layers import INTERMEDIATES, LayerQuant, QReLU, quant_collection
 
 METHODS = ("none", "dorefa", "lsq")
+DOREFA_FORMS = ("inputs", "relus")  # where DoReFa quantizes activations: the quantized layers' inputs | every ReLU
 MIN_STEP = 1e-8  # learned steps are kept above this (an SGD step could push one through zero)
 
 
@@ -56,11 +57,15 @@ class QatSpec:
   w_counts: dict[str, int]          # N for LSQ's weight gradient scale
   a_counts: dict[str, int]          # input features per example, N for the activation scale
   weight_grid: str                  # the model's weight grid (DoReFa: midrise)
+  sites: tuple[str, ...] = ()       # DoReFa in the authors' form: the ReLUs (`QReLU`) that quantize activations
 
   def meta(self) -> dict[str, Any]:
     """The JSON-able record a checkpoint keeps (what the evaluator needs to score it)."""
-    return {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits, "paths": list(self.paths),
-            "act_grids": dict(self.act_grids)}
+    out = {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits, "paths": list(self.paths),
+           "act_grids": dict(self.act_grids)}
+    if self.sites:
+      out["sites"] = list(self.sites)
+    return out
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -81,6 +86,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if q.method == "dorefa" and grid not in (None, "midrise"):
     raise UserError(f"config.model_kwargs.weight_grid={grid!r} does not fit DoReFa, whose weights sit on the "
                     "midrise grid; leave it unset.")
+  form = q.get("dorefa_form", "inputs")
+  if form not in DOREFA_FORMS:
+    raise UserError(f"config.quant.dorefa_form is {form!r}; choose one of {', '.join(DOREFA_FORMS)}.")
+  if form == "relus" and q.method != "dorefa":
+    raise UserError("config.quant.dorefa_form='relus' is DoReFa's model form; it needs quant.method=dorefa.")
+  model_class = models_lib.ALL_MODELS.get(config.get("model"))
+  if form == "relus" and model_class is not None and not hasattr(model_class, "dorefa_relus"):
+    raise UserError(f"config.quant.dorefa_form='relus' needs a model whose ReLUs can be DoReFa's (the ResNets); "
+                    f"{config.model} has none: use dorefa_form=inputs.")
 
 
 def method(config: ml_collections.ConfigDict) -> str:
@@ -103,7 +117,25 @@ def make_spec(config: ml_collections.ConfigDict, model, variables: dict, images:
   return QatSpec(method=config.quant.method, w_bits=int(config.quant.w_bits), a_bits=int(config.quant.a_bits),
                  paths=paths, act_grids=act_grids, w_counts={p: int(kernels[p].size) for p in paths},
                  a_counts={p: int(np.prod(x.shape[1:])) for p, x in inputs.items()},
-                 weight_grid=models_lib.weight_grid(models_lib.model_kwargs(config)))
+                 weight_grid=models_lib.weight_grid(models_lib.model_kwargs(config)),
+                 sites=relu_sites(model, variables, images) if getattr(model, "dorefa_relus", False) else ())
+
+
+def relu_sites(model, variables: dict, images: np.ndarray) -> tuple[str, ...]:
+  """The module paths of a model's DoReFa ReLUs (`QReLU`: 'relu1', 'layer1_0/relu2', ...), in call order."""
+  _, state = model.apply({"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}, images,
+                         capture_intermediates=lambda mdl, _: isinstance(mdl, QReLU), mutable=[INTERMEDIATES])
+  out: list[str] = []
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if k == "__call__":
+        out.append("/".join(prefix))
+      elif isinstance(v, Mapping):
+        walk(v, prefix + [k])
+
+  walk(state[INTERMEDIATES], [])
+  return tuple(out)
 
 
 def layer_inputs(model, variables: dict, images: np.ndarray, paths: Sequence[str]) -> dict[str, jax.Array]:
@@ -159,6 +191,7 @@ def quant_for_training(spec: QatSpec, qsteps: dict) -> dict:
   for p in spec.paths:
     if spec.method == "dorefa":
       w_step, a_step = dorefa_steps(spec.w_bits)[0], dorefa_steps(spec.a_bits)[1] if spec.a_bits else None
+      a_step = None if spec.sites else a_step  # the authors' form quantizes at the ReLUs instead
       tanh = jnp.asarray(True)
     else:
       s = qsteps[p]
@@ -169,8 +202,11 @@ def quant_for_training(spec: QatSpec, qsteps: dict) -> dict:
         a_step = Q.grad_scale(jnp.maximum(s["a_step"], MIN_STEP), g)
       tanh = None
     layers[p] = LayerQuant(w_bits=spec.w_bits, w_step=w_step, w_tanh=tanh,
-                           a_bits=spec.a_bits if spec.a_bits else None, a_step=a_step)
-  return quant_collection(None, layers)
+                           a_bits=spec.a_bits if a_step is not None else None, a_step=a_step)
+  sites = {}
+  if spec.sites and spec.a_bits:  # DoReFa's activations at every ReLU: clamp [0, 1], 2^M levels
+    sites = {s: LayerQuant(a_bits=spec.a_bits, a_step=dorefa_steps(spec.a_bits)[1]) for s in spec.sites}
+  return quant_collection(None, layers, sites)
 
 
 def dorefa_normalization(paths: Sequence[str]) -> dict:

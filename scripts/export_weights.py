@@ -105,10 +105,7 @@ def main() -> int:
     config.dataset.name = "folder"
   config.dataset.data_dir = data_dir
   ds = data_lib.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False, seed=0)
-  if ranking:
-    kwargs = {**models_lib.model_kwargs(config), **task.model_kwargs(ds)}
-  else:
-    kwargs = {"weight_grid": "midrise"} if meta.get("quant", {}) and meta["quant"].get("method") == "dorefa" else {}
+  kwargs = {**models_lib.model_kwargs(config), **(task.model_kwargs(ds) if ranking else {})}
   model = models_lib.get_model(config.model, config.dataset.num_classes, **kwargs)
   mesh = sharding.make_mesh()
   float_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}

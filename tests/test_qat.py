@@ -153,20 +153,24 @@ def qat_config(folder, float_run, **overrides):
                                 "schedule.learning_rate": 0.05, **overrides})
 
 
-@pytest.mark.parametrize("method", ["lsq", "dorefa"])
-def test_qat_checkpoint_scores_itself(folder, float_run, tmp_path, method):
-  """The evaluator's 'learned' point at the trained bits and ratio 1 is the model the run evaluated."""
+@pytest.mark.parametrize("method,form", [("lsq", "inputs"), ("dorefa", "inputs"), ("dorefa", "relus")])
+def test_qat_checkpoint_scores_itself(folder, float_run, tmp_path, method, form):
+  """The evaluator's 'learned' point at the trained bits and ratio 1 is the model the run evaluated (DoReFa in
+  both forms: activations at the quantized convs' inputs, or at every ReLU as the authors' model)."""
   workdir = str(tmp_path / method)
-  result = train_and_evaluate(qat_config(folder, float_run, **{"quant.method": method}, max_steps=4), workdir)
+  settings = {"quant.method": method, "quant.dorefa_form": form}
+  result = train_and_evaluate(qat_config(folder, float_run, **settings, max_steps=4), workdir)
   variables, meta = load_variables(workdir)
   assert meta["quant"]["method"] == method and meta["quant"]["w_bits"] == 4
   assert len(meta["quant"]["paths"]) == 18          # ResNet-20: every conv but the stem; no fc
+  assert len(meta["quant"].get("sites", ())) == (19 if form == "relus" else 0)  # the stem's ReLU + 2 per block
   if method == "lsq":
     assert set(variables["qsteps"]) == set(meta["quant"]["paths"])
     init = qat.lsq_init(variables["params"]["layer2_1"]["conv1"]["kernel"], 4, "signed")
     assert abs(float(variables["qsteps"]["layer2_1/conv1/kernel"]["w_step"]) / float(init) - 1) < 0.5
-  c = qat_config(folder, float_run, **{"quant.method": method})
+  c = qat_config(folder, float_run, **settings)
   model = models.get_model("resnet20", 2, **models.model_kwargs(c))
+  assert model.dorefa_relus == (form == "relus")
   ds = data.make_dataset(c.dataset, "eval", batch_size=10, train=False, seed=0)
   calib = [data.make_dataset(c.dataset, "train", batch_size=10, train=False, seed=0).get_batch(0)["image"]]
   grid = Grid(bits=(2, 4, 8), ratios=(0.9, 1.0), methods=("learned", "mse"), targets=("both",),

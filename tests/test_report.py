@@ -140,3 +140,20 @@ def test_summary_has_a_row_per_method_and_at_base_is_the_ratio_nearest_one():
   table = report.summary_table(rows)
   assert "| a | weights | mse | 20.0 / 16.0 / – | 40.0 / 36.0 / – |" in table
   assert "| a | weights | lapq | 50.0 / 46.0 / – | 70.0 / 66.0 / – |" in table
+
+
+def test_compare_pooled_std_rule():
+  a, b = [70.1, 70.9, 69.5], [72.4, 73.0, 71.9]
+  got = report.compare(a, b)
+  sa, sb = np.std(a, ddof=1), np.std(b, ddof=1)
+  pooled = np.sqrt((2 * sa**2 + 2 * sb**2) / 4)
+  assert got["pooled_std"] == pytest.approx(pooled, rel=1e-12)
+  assert got["diff"] == pytest.approx(np.mean(b) - np.mean(a), rel=1e-12)
+  assert got["verdict"] == "better"  # 2.27 > 2 · 0.63
+  assert report.compare(b, a)["verdict"] == "worse"
+  close = report.compare(a, [70.6, 71.5, 70.0])  # +0.53 with pooled 0.73
+  assert close["verdict"] == "within noise"
+  assert report.compare([70.0], [75.0]) == {"diff": 5.0, "pooled_std": None, "verdict": "one seed"}
+  # unequal seed counts: the n − 1 weights
+  got = report.compare([1.0, 2.0], [3.0, 5.0, 7.0])
+  assert got["pooled_std"] == pytest.approx(np.sqrt((1 * 0.5 + 2 * 4.0) / 3), rel=1e-12)

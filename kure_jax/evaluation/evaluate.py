@@ -155,6 +155,14 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
     if trained != qat.method(config):
       raise UserError(f"--checkpoint {path} was trained with quant.method={trained!r} but the config says "
                       f"{qat.method(config)!r}; score it with its own config (--config.quant.method={trained}).")
+    trained_form = "relus" if (meta.get("quant") or {}).get("sites") else "inputs"
+    form = config.quant.get("dorefa_form", "inputs")
+    if trained == "dorefa" and trained_form != form:
+      raise UserError(f"--checkpoint {path} is DoReFa of the {trained_form!r} form but the config says {form!r}; "
+                      f"score it with --config.quant.dorefa_form={trained_form}.")
+    if trained_form == "relus" and "lapq" in grid.methods and needs_acts:
+      raise UserError(f"--checkpoint {path}: LAPQ searches the quantized layers' input steps, but this DoReFa model "
+                      "quantizes its ReLUs with fixed steps; score its activations with eval.methods ('learned',).")
     if "learned" in grid.methods and trained == "none":
       raise UserError(f"--checkpoint {path}: eval.methods 'learned' needs a QAT checkpoint; drop it for float ones.")
     if config.eval.get("fold_bn", False) and trained != "none":

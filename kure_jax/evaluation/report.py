@@ -49,6 +49,23 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
+def compare(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+  """Arm b against arm a over seeds: the difference of means, the pooled std and the verdict.
+
+  The pooled std is √(((n_a − 1)·s_a² + (n_b − 1)·s_b²) / (n_a + n_b − 2)). The difference is a win for b
+  ('better') or for a ('worse') only when it exceeds twice the pooled std; otherwise it is 'within noise'.
+  With one seed per arm there is no spread to judge by: the verdict is 'one seed'.
+  """
+  (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
+  diff = mb - ma
+  if na + nb <= 2:
+    return {"diff": diff, "pooled_std": None, "verdict": "one seed"}
+  pooled = ((na - 1) * sa**2 + (nb - 1) * sb**2) / (na + nb - 2)
+  pooled = pooled**0.5
+  verdict = "within noise" if abs(diff) <= 2 * pooled else ("better" if diff > 0 else "worse")
+  return {"diff": diff, "pooled_std": pooled, "verdict": verdict}
+
+
 def _groups(checkpoints: Sequence[str]) -> list[tuple[str, list[str]]]:
   """(legend label, checkpoints) per plotted line: seeds of one arm are drawn as one mean line with a ±1 std band
   (labelled `arm (n seeds)`) as soon as some arm has several; otherwise one line per checkpoint."""

@@ -157,6 +157,7 @@ class _Plan:
   dorefa: bool
   qat_bits: tuple[int, int] | None        # a QAT checkpoint's trained (weight, activation) bits
   chunk: int
+  sites: tuple[str, ...] = ()             # DoReFa in the authors' form: its ReLUs quantize the activations
 
   @property
   def pick_grid(self) -> str:
@@ -221,7 +222,11 @@ def _quant_for_point(plan: _Plan, base: dict, pt: dict) -> dict:
         spec = spec.replace(a_fmt=jnp.where(pt["a_on"], pt["fmt"], -1),
                             a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"])
     layers[p] = spec
-  return quant_collection(None, layers)
+  sites = {}
+  if plan.sites:  # DoReFa's ReLUs: clamp [0, 1] and its fixed step 1/(2^M − 1) (× the ratio, symmetric mode)
+    a_step = _apply_policy(qat_lib.dorefa_steps(pt["bits"])[1] * (1.0 if sliding else pt["ratio"]), pt["policy"])
+    sites = {s: LayerQuant(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step) for s in plan.sites}
+  return quant_collection(None, layers, sites)
 
 
 def _batch_sums(plan: _Plan, variables: dict, base: dict, arrays: dict, batch: dict) -> dict:
@@ -250,7 +255,10 @@ class Sweep:
   A QAT checkpoint passes ``qat=meta["quant"]`` (and its variables hold LSQ's 'qsteps'):
   its quantized layers are scored, DoReFa's weight normalization stays on at every point,
   and the base-step method "learned" rescales its trained steps to each bit-width
-  (Δ_k = Δ_b·(2^b − 1)/(2^k − 1)), beside re-optimized ones ("mse", ...).
+  (Δ_k = Δ_b·(2^b − 1)/(2^k − 1)), beside re-optimized ones ("mse", ...). A DoReFa checkpoint of the
+  authors' form (``quant.dorefa_form='relus'``: its meta lists the ReLU 'sites', and `model` is built with
+  ``dorefa_relus=True``) quantizes activations at those ReLUs, with DoReFa's fixed step 1/(2^M − 1) whatever
+  the method, and needs no calibration; weight-only points keep them clamped to [0, 1], as the authors score.
 
   Method "lapq" takes LAPQ's steps, computed beforehand (`kure_jax.evaluation.lapq.grid_steps`, a minutes-long
   search that has no place in a constructor), as `lapq_steps`: {bits: {kernel path: {"w": step,
@@ -285,7 +293,11 @@ class Sweep:
                                  skip_stem=skip_stem, skip_head=skip_head)
     self._learned = qat_lib.learned_steps(qat, variables.get("qsteps", {})) if qat else {}
     self.points = grid.points()
-    needs_acts = any(t != "weights" for t in grid.targets)
+    self.sites = tuple(qat.get("sites", ())) if qat else ()
+    if self.sites and grid.formats:
+      raise UserError("grid.formats: a DoReFa checkpoint of the authors' form (quantized ReLUs) is scored on its "
+                      "own grids only; drop the formats.")
+    needs_acts = any(t != "weights" for t in grid.targets) and not self.sites  # the sites need no calibration
     if needs_acts and calibration is None:
       raise UserError("grid.targets quantizes activations: pass calibration data (a few batches of model input).")
     if needs_acts and "learned" in grid.methods and any(v["a"] is None for v in self._learned.values()):
@@ -320,6 +332,7 @@ class Sweep:
     self._plan = _Plan(model=model, task=task, grid=self.grid, paths=tuple(self.paths),
                        act_grids=tuple(sorted(self.act_grids.items())), dorefa=self.dorefa,
                        qat_bits=(int(qat["w_bits"]), int(qat["a_bits"] or qat["w_bits"])) if qat else None,
+                       sites=self.sites,
                        chunk=self.chunk)
     self._base_steps, self._score_batch = _compiled(self._plan)  # shared by every sweep of this plan
     self._lapq = {}

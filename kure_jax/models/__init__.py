@@ -127,11 +127,13 @@ QAT_WEIGHT_GRIDS = {"dorefa": "midrise"}  # QAT methods whose weights sit on one
 
 def model_kwargs(config: Any) -> dict[str, Any]:
   """The model's keyword arguments of a config: ``config.model_kwargs``, with the weight grid its QAT method fixes
-  (DoReFa: midrise)."""
+  (DoReFa: midrise) and, for DoReFa in the authors' form (``quant.dorefa_form='relus'``), DoReFa's ReLUs."""
   kw = dict(config.get("model_kwargs", {}))
   q = config.get("quant")
   if q is not None and q.method in QAT_WEIGHT_GRIDS:
     kw["weight_grid"] = QAT_WEIGHT_GRIDS[q.method]
+  if q is not None and q.method == "dorefa" and q.get("dorefa_form", "inputs") == "relus":
+    kw["dorefa_relus"] = True  # every ReLU DoReFa's clamp + quantizer (kure_jax.models.resnet.relu)
   return kw
 
 

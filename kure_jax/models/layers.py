@@ -213,13 +213,26 @@ class QDense(nn.Module):
     return y
 
 
-def quant_collection(params: Any, layers: Mapping[str, LayerQuant | Mapping[str, Any]]) -> dict:
+def _spec(path: str, spec: LayerQuant | Mapping[str, Any]) -> LayerQuant:
+  if isinstance(spec, LayerQuant):
+    return spec
+  unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(LayerQuant)})
+  if unknown:
+    raise ValueError(f"quant_collection: {path!r} has unknown entries {', '.join(unknown)} "
+                     "(see kure_jax.models.layers.LayerQuant).")
+  return LayerQuant(**spec)
+
+
+def quant_collection(params: Any, layers: Mapping[str, LayerQuant | Mapping[str, Any]],
+                     sites: Mapping[str, LayerQuant | Mapping[str, Any]] | None = None) -> dict:
   """The 'quant' collection of {kernel path: LayerQuant}: the one builder of what the hook reads.
 
   Paths are those of `kure_jax.select_kernels` ('block/conv/kernel'); each spec's entries land
   beside its kernel's module, mirroring the params tree. A plain mapping is read as
   ``LayerQuant(**mapping)`` (so a misspelled field is an error). With `params` given, every
   path must name one of its kernels (a typo would otherwise silently quantize nothing).
+  `sites`: {module path: LayerQuant} of activation sites (`QReLU`, e.g. 'layer1_0/relu2'), which take
+  only the input-activation fields.
   """
   known = None
   if params is not None:
@@ -231,11 +244,22 @@ def quant_collection(params: Any, layers: Mapping[str, LayerQuant | Mapping[str,
     if known is not None and "/".join(tree_paths.parts(path)) not in known:
       raise ValueError(f"quant_collection: {path!r} is not a kernel of these params "
                        f"(kernels: {', '.join(sorted(known))}).")
-    if not isinstance(spec, LayerQuant):
-      unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(LayerQuant)})
-      if unknown:
-        raise ValueError(f"quant_collection: {path!r} has unknown entries {', '.join(unknown)} "
-                         "(see kure_jax.models.layers.LayerQuant).")
-      spec = LayerQuant(**spec)
-    entries[path] = spec.entries()
+    entries[path] = _spec(path, spec).entries()
+  for path, spec in (sites or {}).items():
+    e = _spec(path, spec).entries()
+    if any(k.startswith("w_") for k in e):
+      raise ValueError(f"quant_collection: the activation site {path!r} takes only a_* entries, got "
+                       f"{', '.join(sorted(e))}.")
+    entries[path + "/output"] = e  # the site's module is the whole path
   return tree_paths.at_modules(entries)
+
+
+class QReLU(nn.Module):
+  """A ReLU as DoReFa's model runs it (Zhou et al. 2016, and the KURE authors' code): clamped to [0, 1], then
+  through the activation quantizer its 'quant' entries set (a_bits, a_step; unsigned grid; a_fmt...). Without
+  entries it is the clamp alone. Used by the ResNets built with ``dorefa_relus=True``, so the residual stream
+  is quantized too."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return LayerQuant.read(self).quantize_input(jnp.clip(x, 0.0, 1.0), "unsigned")

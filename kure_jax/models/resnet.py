@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kure_jax.models.layers import QConv, QDense
+from kure_jax.models.layers import QConv, QDense, QReLU
 
 BN_MOMENTUM = 0.9  # Flax's running-average decay; torch's momentum 0.1
 BN_EPSILON = 1e-5
@@ -53,6 +53,12 @@ def torch_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int],
   return ((p, p), (p, p))
 
 
+def relu(mdl: nn.Module, x: jax.Array, name: str) -> jax.Array:
+  """A ReLU of `mdl`; with ``mdl.dorefa_relus`` DoReFa's clamp to [0, 1] + activation quantizer (`QReLU` named
+  `name`, which the 'quant' collection addresses as an activation site)."""
+  return QReLU(name=name)(x) if mdl.dorefa_relus else nn.relu(x)
+
+
 def logits_dtype(x: jax.Array) -> jax.Array:
   """Logits in at least float32, so the loss is not computed in a low-precision dtype."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -71,6 +77,7 @@ class BasicBlock(nn.Module):
   shortcut: str = "identity"
   weight_grid: str = "signed"
   dtype: Any = None
+  dorefa_relus: bool = False  # every ReLU DoReFa's clamp + quantizer (`relu`)
 
   expansion: ClassVar[int] = 1
 
@@ -79,10 +86,10 @@ class BasicBlock(nn.Module):
     conv = functools.partial(QConv, use_bias=False, weight_grid=self.weight_grid, act_grid="unsigned",
                              dtype=self.dtype)
     out = conv(self.planes, (3, 3), self.stride, torch_padding(3), name="conv1")(x)
-    out = nn.relu(batch_norm(train, self.dtype, "bn1")(out))
+    out = relu(self, batch_norm(train, self.dtype, "bn1")(out), "relu1")
     out = conv(self.planes, (3, 3), 1, torch_padding(3), name="conv2")(out)
     out = batch_norm(train, self.dtype, "bn2")(out)
-    return nn.relu(out + _shortcut(self, x, self.planes, train))
+    return relu(self, out + _shortcut(self, x, self.planes, train), "relu2")
 
 
 class Bottleneck(nn.Module):
@@ -93,6 +100,7 @@ class Bottleneck(nn.Module):
   shortcut: str = "identity"
   weight_grid: str = "signed"
   dtype: Any = None
+  dorefa_relus: bool = False  # every ReLU DoReFa's clamp + quantizer (`relu`)
 
   expansion: ClassVar[int] = 4
 
@@ -101,12 +109,12 @@ class Bottleneck(nn.Module):
     conv = functools.partial(QConv, use_bias=False, weight_grid=self.weight_grid, act_grid="unsigned",
                              dtype=self.dtype)
     out = conv(self.planes, (1, 1), 1, torch_padding(1), name="conv1")(x)
-    out = nn.relu(batch_norm(train, self.dtype, "bn1")(out))
+    out = relu(self, batch_norm(train, self.dtype, "bn1")(out), "relu1")
     out = conv(self.planes, (3, 3), self.stride, torch_padding(3), name="conv2")(out)
-    out = nn.relu(batch_norm(train, self.dtype, "bn2")(out))
+    out = relu(self, batch_norm(train, self.dtype, "bn2")(out), "relu2")
     out = conv(self.planes * self.expansion, (1, 1), 1, torch_padding(1), name="conv3")(out)
     out = batch_norm(train, self.dtype, "bn3")(out)
-    return nn.relu(out + _shortcut(self, x, self.planes * self.expansion, train))
+    return relu(self, out + _shortcut(self, x, self.planes * self.expansion, train), "relu3")
 
 
 def _shortcut(block: nn.Module, x: jax.Array, features: int, train: bool) -> jax.Array:
@@ -145,6 +153,7 @@ class CifarResNet(nn.Module):
   depth: int = 20
   width: int = 16
   shortcut: str = "pad"  # for the two downsampling blocks: 'pad' (option A) or 'projection' (B)
+  dorefa_relus: bool = False  # every ReLU (residual stream included) DoReFa's clamp + quantizer: `relu`
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -155,13 +164,13 @@ class CifarResNet(nn.Module):
     n = (self.depth - 2) // 6
     x = QConv(self.width, (3, 3), 1, torch_padding(3), weight_grid=self.weight_grid, act_grid="signed",
               dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+    x = relu(self, batch_norm(train, self.dtype, "bn1")(x), "relu1")
     for s in range(3):
       for b in range(n):
         stride = 2 if s > 0 and b == 0 else 1
         shortcut = self.shortcut if stride != 1 else "identity"
         x = BasicBlock(self.width * 2**s, stride=stride, shortcut=shortcut, weight_grid=self.weight_grid,
-                       dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train)
+                       dtype=self.dtype, dorefa_relus=self.dorefa_relus, name=f"layer{s + 1}_{b}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = QDense(self.num_classes, weight_grid=self.weight_grid, act_grid="unsigned", dtype=self.dtype,
                name="fc")(x)
@@ -183,12 +192,13 @@ class ResNet(nn.Module):
   dtype: Any = None
   block: Any = BasicBlock
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  dorefa_relus: bool = False  # every ReLU (residual stream included) DoReFa's clamp + quantizer: `relu`
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = QConv(64, (7, 7), 2, torch_padding(7), weight_grid=self.weight_grid, act_grid="signed",
               dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+    x = relu(self, batch_norm(train, self.dtype, "bn1")(x), "relu1")
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))  # pads with -inf, like torch
     inplanes = 64
     for s, n in enumerate(self.stage_sizes):
@@ -197,7 +207,8 @@ class ResNet(nn.Module):
         stride = 2 if s > 0 and b == 0 else 1
         downsample = b == 0 and (stride != 1 or inplanes != planes * self.block.expansion)
         x = self.block(planes, stride=stride, shortcut="projection" if downsample else "identity",
-                       weight_grid=self.weight_grid, dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train)
+                       weight_grid=self.weight_grid, dtype=self.dtype, dorefa_relus=self.dorefa_relus,
+                       name=f"layer{s + 1}_{b}")(x, train)
         inplanes = planes * self.block.expansion
     x = jnp.mean(x, axis=(1, 2))
     x = QDense(self.num_classes, weight_grid=self.weight_grid, act_grid="unsigned",
