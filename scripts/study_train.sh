@@ -27,7 +27,8 @@ source "$(dirname "$0")/train_runs.sh"
 # 1. the converged base: the recipe of configs/cifar10_resnet20.py
 run base
 
-# 2. fine-tunes from the base, identical schedules (constant learning rate, FT_EPOCHS epochs)
+# 2. fine-tunes from the base, identical schedules (constant learning rate, FT_EPOCHS epochs); DoReFa in the
+#    authors' model form (every ReLU clamped and quantized, the residual stream included)
 ft=(--config.init_from="$out/base" --config.num_epochs="$ft_epochs" --config.schedule.name=constant
     --config.schedule.learning_rate="$ft_lr" --config.schedule.warmup_epochs=0)
 finetunes=(
@@ -42,8 +43,8 @@ finetunes=(
   "kure_t4 --config.kure.weight=1.0 --config.kure.target=4.0"
   "kure_t6 --config.kure.weight=1.0 --config.kure.target=6.0"
   "grad_l1 --config.kure.weight=0 --config.reg.kind=grad_l1 --config.reg.grad_l1_weight=0.001"
-  "qat_dorefa --config.kure.weight=0 --config.quant.method=dorefa --config.quant.w_bits=4 --config.quant.a_bits=4"
-  "qat_dorefa_kure --config.kure.weight=1.0 --config.quant.method=dorefa --config.quant.w_bits=4 --config.quant.a_bits=4"
+  "qat_dorefa --config.kure.weight=0 --config.quant.method=dorefa --config.quant.dorefa_form=relus --config.quant.w_bits=4 --config.quant.a_bits=4"
+  "qat_dorefa_kure --config.kure.weight=1.0 --config.quant.method=dorefa --config.quant.dorefa_form=relus --config.quant.w_bits=4 --config.quant.a_bits=4"
   "qat_lsq --config.kure.weight=0 --config.quant.method=lsq --config.quant.w_bits=4 --config.quant.a_bits=4"
   "qat_lsq_kure --config.kure.weight=1.0 --config.quant.method=lsq --config.quant.w_bits=4 --config.quant.a_bits=4"
 )
