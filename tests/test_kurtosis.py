@@ -205,5 +205,5 @@ class PenaltyTest(chex.TestCase):
       kure_penalty(params, target=0.5)
 
   def test_public_names(self):
-    self.assertIs(kure_jax.core.kurtosis, kurtosis)
+    self.assertIs(kure_jax.kurtosis, kurtosis)
     self.assertEqual(kure_jax.KURTOSIS_UNIFORM, 1.8)
