@@ -315,3 +315,29 @@ def test_the_pipelines_own_suggestion_works_end_to_end(tmp_path):
   assert a.preprocess == b.preprocess == "imagenet"  # not 'cifar', the default for 32-px folders
   x = a.get_batch(0)["image"] * np.array(transforms.IMAGENET_STD) + np.array(transforms.IMAGENET_MEAN)
   np.testing.assert_allclose(b.get_batch(0)["image"] * 0.25 + 0.5, x, atol=1e-5)
+
+
+def test_the_study_evaluations_parse_and_validate(monkeypatch):
+  """Every eval.py call of scripts/study_eval.sh (printed by DRY=1) parses and validates, before a study spends
+  hours training for them."""
+  import subprocess
+
+  from kure_jax import qat
+  from kure_jax.evaluation.evaluate import grid_from_config
+  from kure_jax.training.train import validate_config
+
+  monkeypatch.chdir(REPO)
+  r = subprocess.run(["bash", "scripts/study_eval.sh", "data", "runs/x"], capture_output=True, text=True,
+                     env={"DRY": "1", "PATH": "/usr/bin:/bin"}, check=True)
+  commands = [shlex.split(line) for line in r.stdout.splitlines()]
+  assert len(commands) == 15  # 5 evaluations × 2 presets, 5 of QAT checkpoints
+  presets = set()
+  for argv in commands:
+    assert argv[:2] == ["python", "eval.py"] and argv[argv.index("--out") + 1].startswith("runs/x/eval_")
+    overrides = [a for a in argv if a.startswith("--config.")]
+    config = parse(argv[argv.index("--config") + 1], overrides)
+    validate_config(config)
+    qat.validate(config)
+    grid_from_config(config)
+    presets.add(config.eval.preset)
+  assert presets == {"ours", "authors"}

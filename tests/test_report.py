@@ -157,3 +157,17 @@ def test_compare_pooled_std_rule():
   # unequal seed counts: the n − 1 weights
   got = report.compare([1.0, 2.0], [3.0, 5.0, 7.0])
   assert got["pooled_std"] == pytest.approx(np.sqrt((1 * 0.5 + 2 * 4.0) / 3), rel=1e-12)
+
+
+def test_relative_to_best():
+  ratios = [0.8, 0.9, 1.0, 1.1, 1.2]
+  acc = {"a": [50.0, 70.0, 80.0, 85.0, 84.0], "b": [60.0, 75.0, 75.0, 70.0, 65.0]}  # b ties: the first wins
+  rows = [dict(checkpoint=c, format="", bits=4, ratio=r, policy="exact", method="mse", target="weights", top1=t)
+          for c in acc for r, t in zip(ratios, acc[c])]
+  got = report.relative_to_best(rows)
+  for c, star in (("a", 1.1), ("b", 0.9)):
+    mine = [r for r in got if r["checkpoint"] == c]
+    np.testing.assert_allclose([r["ratio"] for r in mine], np.asarray(ratios) / star, rtol=1e-12)
+    assert {r["best_ratio"] for r in mine} == {star}
+    assert [r["top1"] for r in mine] == acc[c]
+  assert rows[0]["ratio"] == 0.8  # the input rows are left as they were

@@ -89,6 +89,24 @@ def at_base(rows: Sequence[dict[str, Any]], **match) -> dict[str, Any] | None:
   return min(pts, key=lambda r: abs(r["ratio"] - 1.0)) if pts else None
 
 
+def relative_to_best(rows: Sequence[dict[str, Any]], metric=None) -> list[dict[str, Any]]:
+  """The rows of a step-ratio sweep re-expressed against each curve's accuracy-best step: within every
+  (checkpoint, format, bits, method, target, policy) curve, ratio / ratio* where ratio* maximizes the metric
+  (the first of ties), so 1.0 is that model's best step and the curves of models whose base steps sit at
+  different distances from their best compare on one axis. Adds 'best_ratio' (ratio*) to each row."""
+  metric = metric_of(rows, metric)
+  best: dict[tuple, float] = {}
+  for r in rows:
+    key = tuple(r[k] for k in _POINT if k != "ratio")
+    if key not in best or r[metric.key] > best[key][1]:
+      best[key] = (r["ratio"], r[metric.key])
+  out = []
+  for r in rows:
+    star = best[tuple(r[k] for k in _POINT if k != "ratio")][0]
+    out.append({**r, "ratio": r["ratio"] / star, "best_ratio": star})
+  return out
+
+
 def _unique(rows, key: str) -> list:
   return list(dict.fromkeys(r[key] for r in rows))
 

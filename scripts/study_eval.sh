@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The evaluations of the CIFAR-10 study (docs/RESULTS.md) under both presets, over the models that
+# scripts/study_train.sh trained into OUT. Resumable: an evaluation whose robustness.json exists is skipped;
+# wall times land in $OUT/wall_times.tsv. Models that are not trained yet are left out of each evaluation.
+#
+#   bash scripts/study_eval.sh [DATA_DIR] [OUT]          e.g. bash scripts/study_eval.sh ../shared/data/cifar10 runs/study
+#
+# PRESETS ("ours authors") chooses the presets; ONLY="ptq_w_ours ratio_authors" restricts the evaluations;
+# DRY=1 prints the eval.py commands instead of running them. Each preset fixes the weight grid, bias
+# correction, quantized layers and base-step method (configs/default.py, eval.preset); every evaluation also
+# records the base steps' method in its rows, so the report can tell them apart.
+set -euo pipefail
+data=${1:-../shared/data/cifar10}
+out=${2:-runs/study}
+read -r -a presets <<< "${PRESETS:-ours authors}"
+common=(--config configs/cifar10_resnet20.py --config.dataset.name=folder --config.dataset.data_dir="$data"
+        --config.progress=False)
+
+wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }
+
+evaluate() {  # evaluate NAME "MODEL..." OVERRIDES...: one eval.py call over the trained models among MODEL...
+  local name=$1 ckpts=() m; shift
+  for m in $1; do
+    [[ -f "$out/$m/done" || -n ${DRY:-} ]] && ckpts+=(--checkpoint "$out/$m" --label "$m")
+  done; shift
+  wanted "$name" && (( ${#ckpts[@]} )) || return 0
+  [[ -f "$out/eval_$name/robustness.json" ]] && return 0
+  if [[ -n ${DRY:-} ]]; then
+    printf '%q ' python eval.py "${common[@]}" "${ckpts[@]}" --out "$out/eval_$name" "$@"; echo
+    return 0
+  fi
+  local t0=$SECONDS
+  if python eval.py "${common[@]}" "${ckpts[@]}" --out "$out/eval_$name" "$@" > "$out/eval_$name.log" 2>&1; then
+    printf 'eval %s\t%d\n' "$name" $((SECONDS - t0)) >> "$out/wall_times.tsv"
+  else
+    echo "eval $name failed: see $out/eval_$name.log" >&2
+  fi
+}
+
+seeds="baseline_s0 baseline_s1 baseline_s2 kure_s0 kure_s1 kure_s2"
+at_1=(--config.eval.ratio_min=1.0 --config.eval.ratio_max=1.0 --config.eval.ratio_steps=1
+      --config.eval.policies="('exact',)")
+ratios=(--config.eval.ratio_min=0.5 --config.eval.ratio_max=1.5 --config.eval.ratio_steps=21
+        --config.eval.policies="('exact',)")
+
+for p in "${presets[@]}"; do
+  pre=(--config.eval.preset="$p")
+  # PTQ in the paper's table shape: W8…W2 and 8/8…3/3 at the preset's base step (the float column is each
+  # model's own last evaluation)
+  evaluate "ptq_w_$p" "base $seeds grad_l1" "${pre[@]}" "${at_1[@]}" --config.eval.bits="(2,3,4,5,6,8)" \
+      --config.eval.targets="('weights',)"
+  evaluate "ptq_wa_$p" "base $seeds grad_l1" "${pre[@]}" "${at_1[@]}" --config.eval.bits="(3,4,5,6,8)" \
+      --config.eval.targets="('both',)"
+  # step ratios 0.5…1.5 (21 points) relative to the preset's base step; report.relative_to_best re-expresses
+  # them against each model's accuracy-best step
+  evaluate "ratio_$p" "$seeds" "${pre[@]}" "${ratios[@]}" --config.eval.bits="(2,3,4)" \
+      --config.eval.targets="('weights',)"
+  # power-of-two steps on LAPQ steps (nearest, floor, ceil; exact beside them)
+  evaluate "pow2_$p" "$seeds" "${pre[@]}" --config.eval.methods="('lapq',)" --config.eval.bits="(2,3,4)" \
+      --config.eval.targets="('weights',)" --config.eval.ratio_min=1.0 --config.eval.ratio_max=1.0 \
+      --config.eval.ratio_steps=1 --config.eval.policies="('exact','pow2_nearest','pow2_floor','pow2_ceil')"
+  # the kurtosis-target ablation at W2…W8 with LAPQ steps
+  evaluate "ablation_$p" "baseline_s0 kure_s0 kure_t2.4 kure_t3 kure_t4 kure_t6" "${pre[@]}" "${at_1[@]}" \
+      --config.eval.methods="('lapq',)" --config.eval.bits="(2,3,4,5,6,7,8)" --config.eval.targets="('weights',)"
+done
+
+# QAT checkpoints, scored with their own (learned) steps: bit-widths weights-only (as the authors) and WkAk, and
+# step ratios; DoReFa in both perturbation modes (symmetric: Δ = ratio·Δ̃; the authors' sliding grid)
+dorefa=(--config.quant.method=dorefa --config.quant.dorefa_form=relus)
+evaluate qat_bits_dorefa "qat_dorefa qat_dorefa_kure" "${dorefa[@]}" "${at_1[@]}" --config.eval.methods="('learned',)" \
+    --config.eval.bits="(2,3,4,5,6,8)" --config.eval.targets="('weights','both')"
+evaluate qat_bits_lsq "qat_lsq qat_lsq_kure" --config.quant.method=lsq "${at_1[@]}" \
+    --config.eval.methods="('learned',)" --config.eval.bits="(2,3,4,5,6,8)" --config.eval.targets="('weights','both')"
+evaluate qat_ratio_dorefa_symmetric "qat_dorefa qat_dorefa_kure" "${dorefa[@]}" "${ratios[@]}" \
+    --config.eval.methods="('learned',)" --config.eval.bits="(4,)" --config.eval.targets="('weights',)"
+evaluate qat_ratio_dorefa_sliding "qat_dorefa qat_dorefa_kure" "${dorefa[@]}" "${ratios[@]}" \
+    --config.eval.methods="('learned',)" --config.eval.bits="(4,)" --config.eval.targets="('weights',)" \
+    --config.eval.dorefa_mode=sliding
+evaluate qat_ratio_lsq "qat_lsq qat_lsq_kure" --config.quant.method=lsq "${ratios[@]}" \
+    --config.eval.methods="('learned',)" --config.eval.bits="(4,)" --config.eval.targets="('weights',)"
