@@ -120,6 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.lapq_images = 512            # method lapq: labelled train images for its calibration loss
   c.eval.lapq_iterations = 2          # method lapq: Powell iterations (SciPy maxiter)
   c.eval.lapq_max_evals = config_dict.placeholder(int)  # method lapq: optional cap on loss evaluations (SciPy maxfev)
+  c.eval.lapq_cache = ""              # method lapq: a folder where LAPQ's steps are kept per weights and settings
+                                      # and reused by later evaluations ("" = search every time)
 
   # train.py: a small robustness grid scored at every epoch evaluation (eval.py's sweep on the layers config.kure
   # selects, or a QAT run's own), logged in the eval record as sweep/<w|a|wa><bits>_r<ratio>/<metric>

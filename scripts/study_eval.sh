@@ -14,7 +14,7 @@ data=${1:-../shared/data/cifar10}
 out=${2:-runs/study}
 read -r -a presets <<< "${PRESETS:-ours authors}"
 common=(--config configs/cifar10_resnet20.py --config.dataset.name=folder --config.dataset.data_dir="$data"
-        --config.progress=False)
+        --config.progress=False --config.eval.lapq_cache="$out/lapq_cache")  # one LAPQ search per model and setting
 
 wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }
 

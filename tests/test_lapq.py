@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import time
 
 import flax.linen as nn
@@ -294,3 +295,34 @@ def test_run_eval_with_lapq(tmp_path):
   for field, value in (("eval.lapq_images", 0), ("eval.lapq_iterations", 0), ("eval.lapq_max_evals", 0)):
     with pytest.raises(UserError, match=f"config.{field} must be a whole number ≥ 1"):
       run_eval(eval_config(folder, **{"eval.methods": ("lapq",), field: value}), [workdir], None, str(tmp_path))
+
+
+def test_lapq_cache_reuses_searches(tmp_path, monkeypatch):
+  """eval.lapq_cache: a second evaluation of the same weights and settings reads LAPQ's steps (the same rows, no
+  search); another bit-width searches only that one; another setting searches again."""
+  from tests.test_eval import eval_config
+  from tests.test_train import tiny_config, write_class_folders
+  from kure_jax.evaluation import lapq as lapq_module
+  from kure_jax.evaluation.evaluate import run_eval
+  from kure_jax.training.train import train_and_evaluate
+
+  folder = write_class_folders(tmp_path / "data")
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(tiny_config(folder, max_steps=2), workdir)
+  searched = []
+  real_run = lapq_module.Lapq.run
+  monkeypatch.setattr(lapq_module.Lapq, "run", lambda self, bits, **kw: searched.append(bits) or real_run(self, bits,
+                                                                                                            **kw))
+  cache = str(tmp_path / "cache")
+  kw = {"eval.methods": ("lapq",), "eval.lapq_images": 20, "eval.lapq_iterations": 1, "eval.lapq_max_evals": 6,
+        "eval.lapq_cache": cache, "eval.bits": (2, 4)}
+  first = run_eval(eval_config(folder, **kw), [workdir], ["r"], str(tmp_path / "a"), progress=False)
+  assert sorted(searched) == [2, 4] and len(os.listdir(cache)) == 1
+  again = run_eval(eval_config(folder, **kw), [workdir], ["r"], str(tmp_path / "b"), progress=False)
+  assert sorted(searched) == [2, 4]  # nothing searched
+  assert [(r["top1"], r["loss"]) for r in again] == [(r["top1"], r["loss"]) for r in first]
+  run_eval(eval_config(folder, **{**kw, "eval.bits": (2, 3)}), [workdir], ["r"], str(tmp_path / "c"), progress=False)
+  assert sorted(searched) == [2, 3, 4]  # only the new bit-width
+  run_eval(eval_config(folder, **{**kw, "eval.lapq_iterations": 2}), [workdir], ["r"], str(tmp_path / "d"),
+           progress=False)
+  assert sorted(searched) == [2, 2, 3, 4, 4] and len(os.listdir(cache)) == 2  # another setting: another key

@@ -184,12 +184,18 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
       variables = fold_batchnorm(model, variables, (size, size, 3))
     lapq_results = {}
     if "lapq" in grid.methods:  # LAPQ's search, once per bit-width, on what the sweep scores
-      lapq_results = lapq.grid_steps(
-          model, variables, grid, quantized_paths(variables["params"], qat=qat_meta, **layers),
-          calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
-          options={"iterations": int(config.eval.lapq_iterations), "max_evals": config.eval.get("lapq_max_evals"),
-                   "progress": progress and jax.process_index() == 0},
-          dorefa=bool(qat_meta) and qat_meta["method"] == "dorefa")
+      paths = quantized_paths(variables["params"], qat=qat_meta, **layers)
+      options = {"iterations": int(config.eval.lapq_iterations), "max_evals": config.eval.get("lapq_max_evals")}
+      dorefa = bool(qat_meta) and qat_meta["method"] == "dorefa"
+      settings = {"model": config.model, "data": [config.dataset.name, config.dataset.data_dir], "paths": paths, "images": int(config.eval.lapq_images), "seed": config.seed,
+                  "dorefa": dorefa, **options, "granularity": grid.granularity, "weight_grid": grid.weight_grid,
+                  "bias_correction": grid.bias_correction, "targets": sorted(grid.targets)}
+      lapq_results = lapq.cached_grid_steps(
+          config.eval.get("lapq_cache"), lapq.cache_key(variables, settings), grid,
+          lambda g: lapq.grid_steps(model, variables, g, paths,
+                                    calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
+                                    options={**options, "progress": progress and jax.process_index() == 0},
+                                    dorefa=dorefa))
     sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, qat=qat_meta,
                   task=task, lapq_steps={b: r.steps for b, r in lapq_results.items()} or None, **layers)
     batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())

@@ -20,6 +20,9 @@ moves the step itself. The stem and the classifier stay in float (the caller's `
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -293,3 +296,60 @@ def grid_steps(model, variables: dict, grid, paths: Sequence[str], calibration: 
                 bias_correction=grid.bias_correction, chunk_size=chunk_size)
   target = "W{b}/A{b}" if quantize_w and quantize_a else ("A{b}" if quantize_a else "W{b}")
   return {int(b): runner.run(int(b), desc="LAPQ " + target.format(b=b), **options) for b in grid.bits}
+
+
+# -- a cache of LAPQ's results: one search serves every evaluation of the same weights and settings ----------
+
+
+def _result_json(r: LapqResult) -> dict[str, Any]:
+  steps = {p: {"w": np.asarray(s["w"], np.float32).tolist(), "a": None if s["a"] is None else float(s["a"])}
+           for p, s in r.steps.items()}
+  return {"bits": r.bits, "steps": steps, "p_star": r.p_star, "p_losses": {str(k): v for k, v in r.p_losses.items()},
+          "init_loss": r.init_loss, "loss": r.loss, "evaluations": r.evaluations, "seconds": r.seconds}
+
+
+def _result_of(d: Mapping[str, Any]) -> LapqResult:
+  steps = {p: {"w": np.asarray(s["w"], np.float32), "a": None if s["a"] is None else np.float32(s["a"])}
+           for p, s in d["steps"].items()}
+  return LapqResult(bits=int(d["bits"]), steps=steps, p_star=float(d["p_star"]),
+                    p_losses={float(k): float(v) for k, v in d["p_losses"].items()}, init_loss=float(d["init_loss"]),
+                    loss=float(d["loss"]), evaluations=int(d["evaluations"]), seconds=float(d["seconds"]))
+
+
+def cache_key(variables: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+  """A SHA-256 of the weights (params and batch statistics, every leaf's path, dtype, shape and bytes) and of the
+  settings that shape LAPQ's search (JSON): the same key means the same search."""
+  h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+  for part in ("params", "batch_stats"):
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(variables.get(part, {})),
+                             key=lambda t: jax.tree_util.keystr(t[0])):
+      a = np.asarray(leaf)
+      h.update(f"{part}{jax.tree_util.keystr(path)}{a.dtype}{a.shape}".encode())
+      h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def cached_grid_steps(cache_dir: str | None, key: str, grid, run: Callable[[Any], dict[int, LapqResult]],
+                      ) -> dict[int, LapqResult]:
+  """`run(grid)` (e.g. `grid_steps` with its other arguments bound) for the bit-widths of `grid` that
+  ``cache_dir/<key>.json`` does not hold yet, the others read from it; the new results are added to the file
+  (written atomically). No cache_dir: `run(grid)`."""
+  if not cache_dir:
+    return run(grid)
+  path = os.path.join(cache_dir, f"{key}.json")
+  stored: dict[str, Any] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+  out = {int(b): _result_of(stored[str(b)]) for b in grid.bits if str(b) in stored}
+  missing = tuple(b for b in grid.bits if int(b) not in out)
+  if missing:
+    fresh = run(dataclasses.replace(grid, bits=missing))
+    out.update(fresh)
+    stored.update({str(b): _result_json(r) for b, r in fresh.items()})
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(stored, f)
+    os.replace(tmp, path)
+  return {int(b): out[int(b)] for b in grid.bits}
