@@ -24,9 +24,9 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from kure_jax.evaluation import report
   from kure_jax.checkpoint import quiet_orbax_logs
   from kure_jax.errors import UserError
+  from kure_jax.evaluation import report
   from kure_jax.evaluation.evaluate import run_eval
 
   if not FLAGS["verbosity"].present:  # every checkpoint failure is reported below, in one line

@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))  # configs/, benchmarks/ importable
 from configs import cifar10_resnet20  # noqa: E402
 from kure_jax import data as data_lib  # noqa: E402
 from kure_jax import models  # noqa: E402
-from kure_jax.core import quant as Q  # noqa: E402
 from kure_jax.checkpoint import load_variables  # noqa: E402
+from kure_jax.core import quant as Q  # noqa: E402
 from kure_jax.evaluation.robustness import Grid, Sweep  # noqa: E402
 from kure_jax.training.train import make_eval_step  # noqa: E402
 

@@ -36,8 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kure_jax import weights
-from kure_jax.errors import UserError
 from kure_jax.core.kurtosis import path_str
+from kure_jax.errors import UserError
 
 CHECKSUM = "checksum"  # metadata key: {"sha256": hex digest, "leaves": number of leaves}
 DISCARDED = "checkpoints_discarded"  # where resume_step moves the checkpoints newer than it

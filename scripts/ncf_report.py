@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kure_jax.metrics import read_metrics  # noqa: E402
 from kure_jax.evaluation.report import arm_of, mean_std  # noqa: E402
+from kure_jax.metrics import read_metrics  # noqa: E402
 
 ARMS = {"baseline": "baseline", "act": "KURE on activations", "both": "KURE on weights + activations"}
 # The rebuttal's NCF on MovieLens-20M (MLPerf NCF, HR@10 over 999 negatives), PTQ of the activations, in %:

@@ -14,10 +14,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from kure_jax.training import train as train_lib
 from kure_jax.checkpoint import Checkpointer, checksum, host_leaves, load_variables
 from kure_jax.errors import UserError
 from kure_jax.metrics import read_metrics
+from kure_jax.training import train as train_lib
 from kure_jax.training.train import train_and_evaluate
 from tests.helpers import REPO, write_class_folders
 from tests.test_train import cli_args, env, tiny_config

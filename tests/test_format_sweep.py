@@ -9,11 +9,11 @@ import pytest
 
 from kure_jax import data, models
 
-from kure_jax.core import formats
 from kure_jax.checkpoint import load_variables
+from kure_jax.core import formats
+from kure_jax.core.kurtosis import select_kernels
 from kure_jax.errors import UserError
 from kure_jax.evaluation.evaluate import run_eval
-from kure_jax.core.kurtosis import select_kernels
 from kure_jax.evaluation.robustness import Grid, Sweep
 from kure_jax.training.train import train_and_evaluate
 from tests.test_train import tiny_config, write_class_folders

@@ -7,8 +7,8 @@ import pytest
 
 from configs import cifar10_resnet20
 from kure_jax.errors import UserError
-from kure_jax.training.gradient_l1 import with_gradient_l1
 from kure_jax.metrics import read_metrics
+from kure_jax.training.gradient_l1 import with_gradient_l1
 from kure_jax.training.train import cross_entropy, train_and_evaluate, validate_config
 from tests.test_train import tiny_config, write_class_folders
 

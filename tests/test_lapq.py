@@ -15,8 +15,8 @@ from kure_jax.core import quant
 from kure_jax.errors import UserError
 from kure_jax.evaluation import lapq as lapq_lib
 from kure_jax.evaluation.lapq import Lapq, fit_p, lapq
-from kure_jax.models.layers import quant_hook
 from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.models.layers import quant_hook
 from tests.helpers import SHARED_CIFAR10
 from tests.test_robustness import Net
 
@@ -233,8 +233,8 @@ def test_bias_correction_in_the_sweep(small):
 def test_real_cifar10_lapq_beats_mse_steps(tmp_path):
   from configs import cifar10_resnet20
   from kure_jax import data, models
-  from kure_jax.checkpoint import load_variables
   from kure_jax.calibration import calibration_sample
+  from kure_jax.checkpoint import load_variables
   from kure_jax.training.train import train_and_evaluate
 
   c = cifar10_resnet20.get_config()

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax.core import quant as Q
 from kure_jax import select_kernels
+from kure_jax.core import quant as Q
 from kure_jax.models import (MODELS, QConv, QDense, get_model, init_variables, param_count, quant_collection,
                              torch_module_path)
 

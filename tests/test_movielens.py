@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax.core import quant as Q
 from kure_jax import ranking
+from kure_jax.core import quant as Q
+from kure_jax.core.kurtosis import kernel_leaves, select_kernels
 from kure_jax.data import movielens as ml
 from kure_jax.errors import UserError
-from kure_jax.core.kurtosis import kernel_leaves, select_kernels
 from kure_jax.models.layers import QUANT, quant_collection, quant_hook
 from kure_jax.models.neumf import NeuMF, QEmbed
 

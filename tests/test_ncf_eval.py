@@ -18,13 +18,13 @@ import pytest
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
 from kure_jax import qat, sharding, tasks
-from kure_jax.core import quant
-from kure_jax.evaluation import report
 from kure_jax.checkpoint import load_variables
+from kure_jax.core import quant
 from kure_jax.errors import UserError
+from kure_jax.evaluation import report
 from kure_jax.evaluation.evaluate import run_eval
-from kure_jax.models.layers import quant_collection
 from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.models.layers import quant_collection
 from kure_jax.training.train import evaluate, kure_selection, make_eval_step, train_and_evaluate
 from tests.helpers import REPO, override
 from tests.test_ncf_train import USERS, tiny_config, write_movielens

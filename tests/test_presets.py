@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from kure_jax import data, models, qat
-from kure_jax.core import quant as Q
 from kure_jax.checkpoint import load_variables
+from kure_jax.core import quant as Q
 from kure_jax.errors import UserError
 from kure_jax.evaluation.evaluate import eval_settings, run_eval
-from kure_jax.models.layers import bias_correct
 from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.models.layers import bias_correct
 from kure_jax.training.train import train_and_evaluate
 from tests.test_train import tiny_config, write_class_folders
 

@@ -10,12 +10,12 @@ import pytest
 
 from configs import cifar10_resnet20
 from kure_jax import data, models, qat
-from kure_jax.core import quant as Q
 from kure_jax.checkpoint import load_variables
+from kure_jax.core import quant as Q
 from kure_jax.errors import UserError
+from kure_jax.evaluation.robustness import Grid, Sweep
 from kure_jax.metrics import read_metrics
 from kure_jax.models.layers import QDense
-from kure_jax.evaluation.robustness import Grid, Sweep
 from kure_jax.training.train import train_and_evaluate, validate_config
 from tests.helpers import SHARED_CIFAR10, override
 from tests.test_train import tiny_config, write_class_folders

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax.core import quant as Q
 from kure_jax import tree_paths
-from kure_jax.evaluation import step_providers
+from kure_jax.core import quant as Q
 from kure_jax.errors import UserError
+from kure_jax.evaluation import step_providers
 from kure_jax.models.layers import LayerQuant, QDense, quant_collection
 from kure_jax.qat import dorefa_normalization
 

@@ -8,8 +8,8 @@ import pytest
 
 from kure_jax.core import quant
 from kure_jax.errors import UserError
-from kure_jax.models.layers import QConv, QDense, quant_collection
 from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.models.layers import QConv, QDense, quant_collection
 from kure_jax.training.train import classification_sums
 
 

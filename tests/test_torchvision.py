@@ -18,10 +18,10 @@ import pytest
 
 from configs import resnet18 as resnet18_config
 from kure_jax import models
-from kure_jax.models import torchvision_weights
 from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
 from kure_jax.metrics import read_metrics
+from kure_jax.models import torchvision_weights
 from kure_jax.training.train import train_and_evaluate
 from tests.helpers import REPO, override
 

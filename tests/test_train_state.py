@@ -10,7 +10,7 @@ from configs import cifar10_resnet20
 from kure_jax import models, qat, sharding
 from kure_jax.checkpoint import Checkpointer, load_variables
 from kure_jax.training.train import (TrainState, _with_lsq_steps, create_state, make_optimizer, make_schedule,
-                            make_train_step, params_only)
+                                     make_train_step, params_only)
 
 META = {"model": "resnet20", "num_classes": 2, "param_shapes": {}}
 

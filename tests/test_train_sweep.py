@@ -7,8 +7,8 @@ from kure_jax import data, models, sharding
 from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import load_variables
 from kure_jax.errors import UserError
-from kure_jax.metrics import read_metrics
 from kure_jax.evaluation.robustness import Grid, Sweep
+from kure_jax.metrics import read_metrics
 from kure_jax.training.train import train_and_evaluate, validate_config
 from tests.helpers import override
 from tests.test_train import tiny_config, write_class_folders

@@ -9,8 +9,8 @@ import pytest
 
 from kure_jax import data, models, sharding, weights
 from kure_jax.checkpoint import load_variables
-from kure_jax.errors import UserError
 from kure_jax.core.kurtosis import kurtosis_by_layer
+from kure_jax.errors import UserError
 from kure_jax.training.train import evaluate, make_eval_step
 from tests.helpers import REPO
 

@@ -18,14 +18,14 @@ import numpy as np
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
 from kure_jax import qat, sharding
-from kure_jax.evaluation import lapq
-from kure_jax.evaluation import report
 from kure_jax import tasks as tasks_lib
 from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import check_meta, load_variables, param_shapes
-from kure_jax.errors import UserError
-from kure_jax.evaluation.folding import fold_batchnorm
 from kure_jax.core.kurtosis import kernel_selection
+from kure_jax.errors import UserError
+from kure_jax.evaluation import lapq
+from kure_jax.evaluation import report
+from kure_jax.evaluation.folding import fold_batchnorm
 from kure_jax.evaluation.robustness import Grid, Sweep, quantized_paths
 
 

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kure_jax.core import quant as Q
 from kure_jax import tree_paths
 from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid, record_activations
+from kure_jax.core import quant as Q
 from kure_jax.errors import UserError
 from kure_jax.models.layers import BIAS_CORRECTIONS, LayerQuant, quant_collection
 from kure_jax.qat import dorefa_normalization

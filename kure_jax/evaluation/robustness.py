@@ -43,15 +43,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kure_jax.core import formats as formats_lib
 from kure_jax import qat as qat_lib
-from kure_jax.core import quant as Q
-from kure_jax.evaluation import step_providers
 from kure_jax import tree_paths
 from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid, record_activations
-from kure_jax.errors import UserError
+from kure_jax.core import formats as formats_lib
+from kure_jax.core import quant as Q
 from kure_jax.core.kurtosis import select_kernels
+from kure_jax.errors import UserError
+from kure_jax.evaluation import step_providers
 from kure_jax.models.layers import BIAS_CORRECTIONS, LayerQuant, quant_collection
 from kure_jax.tasks import CLASSIFICATION, Task
 

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from kure_jax import tree_paths
 from kure_jax.core import formats as F
 from kure_jax.core import quant as Q
-from kure_jax import tree_paths
 from kure_jax.core.kurtosis import kernel_leaves
 from kure_jax.models.conv import conv2d
 

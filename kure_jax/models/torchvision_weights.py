@@ -34,8 +34,8 @@ import numpy as np
 
 from kure_jax import models
 from kure_jax.checkpoint import Checkpointer, param_shapes
-from kure_jax.errors import UserError
 from kure_jax.core.kurtosis import path_str
+from kure_jax.errors import UserError
 
 PREFIX = "torchvision:"  # init_from = "torchvision:PATH"
 CONVERTER = "python scripts/convert_torchvision.py"

@@ -34,19 +34,19 @@ from flax import struct
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
 from kure_jax import qat, sharding
-from kure_jax.models import torchvision_weights
 from kure_jax import tasks as tasks_lib
 from kure_jax import tree_paths
 from kure_jax._checks import whole_bits
 from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import Checkpointer, check_meta, load_variables, param_shapes
-from kure_jax.errors import UserError
-from kure_jax.training.gradient_l1 import with_gradient_l1
 from kure_jax.core.kurtosis import (REDUCTIONS, kernel_selection, kure_penalty, kurtosis, kurtosis_by_layer,
-                               select_kernels)
-from kure_jax.metrics import MetricWriter
+                                    select_kernels)
+from kure_jax.errors import UserError
 from kure_jax.evaluation.robustness import TARGETS, Grid, Sweep
+from kure_jax.metrics import MetricWriter
+from kure_jax.models import torchvision_weights
 from kure_jax.tasks import CLASSIFICATION, Task, classification_sums, cross_entropy  # noqa: F401 (re-exported)
+from kure_jax.training.gradient_l1 import with_gradient_l1
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPUTE_DTYPES = ("float32", "bfloat16")
