@@ -23,6 +23,7 @@ import numpy as np
 from kure_jax import tree_paths
 from kure_jax.models.layers import INTERMEDIATES
 
+
 def act_grid(values: np.ndarray | jax.Array) -> str:
   """'unsigned' where every recorded input value is ≥ 0 (e.g. after a ReLU), else 'signed'."""
   return "unsigned" if float(jnp.min(values)) >= 0 else "signed"

@@ -17,7 +17,7 @@ import pytest
 
 from kure_jax import data as data_lib
 from kure_jax import models as models_lib
-from kure_jax import qat, sharding, tasks
+from kure_jax import sharding, tasks
 from kure_jax.checkpoint import load_variables
 from kure_jax.core import quant
 from kure_jax.errors import UserError
@@ -26,7 +26,7 @@ from kure_jax.evaluation.evaluate import run_eval
 from kure_jax.evaluation.robustness import Grid, Sweep
 from kure_jax.models.layers import quant_collection
 from kure_jax.training.train import evaluate, kure_selection, make_eval_step, train_and_evaluate
-from tests.helpers import REPO, override
+from tests.helpers import REPO
 from tests.test_ncf_train import USERS, tiny_config, write_movielens
 
 GRID = dict(bits=(2, 8), ratios=(0.8, 1.0), policies=("exact", "pow2_nearest"), targets=("weights", "activations"))

@@ -1,6 +1,5 @@
 """Shipped weights: the file format, its checks, and the manifest re-computed on the real CIFAR-10 test set."""
 
-import json
 import os
 
 import jax

@@ -23,8 +23,7 @@ from kure_jax.calibration import calibration_sample
 from kure_jax.checkpoint import check_meta, load_variables, param_shapes
 from kure_jax.core.kurtosis import kernel_selection
 from kure_jax.errors import UserError
-from kure_jax.evaluation import lapq
-from kure_jax.evaluation import report
+from kure_jax.evaluation import lapq, report
 from kure_jax.evaluation.folding import fold_batchnorm
 from kure_jax.evaluation.robustness import Grid, Sweep, quantized_paths
 
@@ -187,8 +186,9 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
       paths = quantized_paths(variables["params"], qat=qat_meta, **layers)
       options = {"iterations": int(config.eval.lapq_iterations), "max_evals": config.eval.get("lapq_max_evals")}
       dorefa = bool(qat_meta) and qat_meta["method"] == "dorefa"
-      settings = {"model": config.model, "data": [config.dataset.name, config.dataset.data_dir], "paths": paths, "images": int(config.eval.lapq_images), "seed": config.seed,
-                  "dorefa": dorefa, **options, "granularity": grid.granularity, "weight_grid": grid.weight_grid,
+      settings = {"model": config.model, "data": [config.dataset.name, config.dataset.data_dir], "paths": paths,
+                  "images": int(config.eval.lapq_images), "seed": config.seed, "dorefa": dorefa, **options,
+                  "granularity": grid.granularity, "weight_grid": grid.weight_grid,
                   "bias_correction": grid.bias_correction, "targets": sorted(grid.targets)}
       lapq_results = lapq.cached_grid_steps(
           config.eval.get("lapq_cache"), lapq.cache_key(variables, settings), grid,
