@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -388,7 +389,7 @@ def quiet_orbax_logs() -> None:
   reported as one line. Orbax also logs it at ERROR from its background threads, and a failed
   restore or save leaves the sibling reads/writes it gathered un-awaited in an event loop it has
   closed; asyncio reports those ("Task exception was never retrieved", "Event loop is closed",
-  "Exception ignored in <coroutine>") whenever they are garbage-collected, often at exit. A future
+  "Exception ignored in <coroutine>", "coroutine ... was never awaited") whenever they are garbage-collected, often at exit. A future
   that tensorstore completed with the error carries no orbax frame, so any un-retrieved future or
   task is dropped: the command-line tools run no event loop of their own, only orbax does.
   """
@@ -397,6 +398,9 @@ def quiet_orbax_logs() -> None:
     return
   _quiet = True
   logging.getLogger("absl").addFilter(lambda r: f"{os.sep}orbax{os.sep}" not in (r.pathname or ""))
+  # A read coroutine that the failed restore never awaited warns when it is collected; the warning is
+  # attributed to whatever line runs the collection, so it can only be recognized by its words.
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
   for name in ("asyncio", "concurrent.futures"):
     logging.getLogger(name).addFilter(lambda r: not (_UNRETRIEVED in _message(r) or _orbax_debris(
         r.exc_info[1] if r.exc_info else None, _message(r))))
