@@ -1,5 +1,6 @@
 """kure_jax.core.formats against NumPy + ml_dtypes casts and an independent NumPy MX/NVFP4 conversion."""
 
+import functools
 import math
 
 import chex
@@ -401,6 +402,60 @@ class ByIndexTest(chex.TestCase):
       np.testing.assert_array_equal(by_index[i], by_name[i], err_msg=fmt)
       self.assertGreater(float(jnp.sum(jnp.abs(by_index[i]))), 0.0)
 
+  # The by-index path rounds with arithmetic (no dtype casts, no per-format branch): it must give the by-name
+  # path's values and x-gradients bit for bit, on every hard input and for every tuple of formats it serves.
+
+  @parameterized.parameters(*SCALAR)
+  def test_scalar_arithmetic_rounding_is_bit_exact(self, fmt):
+    rng = np.random.default_rng(10)
+    v = np.concatenate([hard_inputs(fmt, rng), [np.nan, -np.nan, 1e-40, -1e-40, 2.0 ** -149]]).astype(f32)
+    w = rng.standard_normal(v.shape).astype(f32)
+    for formats in (F.FORMATS, F.SCALAR_FORMATS, (fmt,)):
+      for step, ratio in ((f32(2.0 ** -3), f32(1.0)), (f32(0.0371), f32(0.77)), (f32(3e-3), f32(1.3))):
+        x = v * step  # power-of-two steps keep the ties of hard_inputs exact
+        got = _by_index_and_grads(x, [formats.index(fmt)], step, ratio, w, formats)
+        want = _by_name_and_grads(x, fmt, step, ratio, w)
+        _assert_same_results(got, 0, want, (fmt, formats, step), x, step, ratio, w)
+
+  def test_block_arithmetic_is_bit_exact(self):
+    rng = np.random.default_rng(11)
+    mx = F.formats_of_kinds(("mx",))
+    for shape, axis, scale_kind, ratio_kind in (
+        ((13, 96), -1, "1", "1"), ((13, 96), -1, "0.3", "0.83"), ((13, 96), -1, "row", "element"),
+        ((13, 96), -1, "varying", "0.83"), ((13, 96), 0, "row", "0.83"), ((13, 24), -1, "0.3", "1"),
+        ((13, 16), -1, "1", "0.83"), ((13, 70), 1, "varying", "element")):
+      x = _block_inputs(rng, shape)
+      x = x.T if axis == 0 else x
+      w = rng.standard_normal(x.shape).astype(f32)
+      a = axis % x.ndim
+      scale = {"1": f32(1.0), "0.3": f32(0.3),  # per row (constant along the blocks) or varying along them
+               "row": rng.uniform(0.5, 2.0, [1 if d == a else n for d, n in enumerate(x.shape)]).astype(f32),
+               "varying": rng.uniform(0.5, 2.0, [n if d == a else 1 for d, n in enumerate(x.shape)]).astype(f32)
+               }[scale_kind]
+      ratio = {"1": f32(1.0), "0.83": f32(0.83), "element": rng.uniform(0.5, 1.5, x.shape).astype(f32)}[ratio_kind]
+      want = {f: _by_name_and_grads(x, f, scale, ratio, w, axis=axis) for f in BLOCK}
+      for formats in (F.FORMATS, mx, ("nvfp4",)):  # every kind (selected by jnp.where), one kind
+        fs = [f for f in BLOCK if f in formats]
+        got = _by_index_and_grads(x, [formats.index(f) for f in fs], scale, ratio, w, formats, axis=axis)
+        for k, f in enumerate(fs):
+          _assert_same_results(got, k, want[f], (f, shape, axis, scale_kind, ratio_kind, len(formats)), x, scale,
+                               ratio, w)
+    # scale=None: each format's max scaling, chosen by the traced index
+    x = rng.standard_normal((4, 64)).astype(f32)
+    fn = jax.jit(lambda a, i: fake_quantize_by_index(a, i, None, 0.9))
+    for fmt in F.FORMATS:
+      _assert_same_bits(fn(x, F.FORMATS.index(fmt)), fake_quantize(x, fmt, None, 0.9), fmt)
+
+  def test_kinds(self):
+    self.assertEqual(F.KINDS, ("scalar", "mx", "nvfp4"))
+    self.assertEqual(F.formats_of_kinds(("scalar",)), F.SCALAR_FORMATS)
+    self.assertEqual(F.formats_of_kinds(("nvfp4", "mx")), F.BLOCK_FORMATS)
+    self.assertEqual([F.kind(f) for f in ("int4", "fp4_e2m1", "mxint8", "nvfp4")], ["scalar", "scalar", "mx", "nvfp4"])
+    # an out-of-range traced index is clamped
+    x = np.linspace(-2, 2, 64).astype(f32)
+    got = jax.jit(lambda i: fake_quantize_by_index(x, i, 0.1, formats=("int4", "mxfp4")))(jnp.int32(7))
+    np.testing.assert_array_equal(got, fake_quantize(x, "mxfp4", 0.1))
+
   def test_helpers(self):
     fs = ("int2", "int8", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "mxint8", "mxfp4", "nvfp4")
     np.testing.assert_array_equal(F.largest_values(fs), [1, 127, 448, 57344, 28, 7.5, 6, 127 / 64, 6, 6])
@@ -409,6 +464,80 @@ class ByIndexTest(chex.TestCase):
                                                      2 / 2688], rtol=1e-7)
     np.testing.assert_allclose(F.max_scale(x, "int8", channel_axis=-1), [[1 / 127, 2 / 127]], rtol=1e-7)
     self.assertEqual(F.FORMATS, SCALAR + BLOCK)
+
+
+def _block_inputs(rng, shape):
+  """x for the block formats: rows of zeros, of exact element ties for each element format (the block
+  maximum, at the start of every 16 elements, sets the scale 2^−5: MX for every element, NVFP4 for E2M1), of
+  E8M0 clamps and a float32 subnormal, a NaN, an inf, and random rows of very different magnitudes."""
+  x = (rng.standard_normal(shape) * 2.0 ** rng.integers(-25, 25, (shape[0], 1))).astype(f32)
+  x[0] = 0.0
+  for r, elem in enumerate(("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"), start=1):
+    vals = all_values(elem)
+    x[r] = ((vals[1:] + vals[:-1]) / 2)[rng.integers(0, len(vals) - 1, shape[1])] * 2.0 ** -5
+    x[r, ::16] = LARGEST[elem] * 2.0 ** -5
+  x[6] = (2 * rng.integers(-127, 127, shape[1]) + 1) / 128 * 2.0 ** -5  # MXINT8 ties (steps of 2^−6 · 2^−5)
+  x[6, ::16] = LARGEST["int8"] * 2.0 ** -5
+  x[7] = 2.0 ** -115  # E8M0 clamps for E5M2 elements (steps below float32's normal range)
+  x[7, 1] = 1e-40  # a float32 subnormal
+  x[8, 3] = np.nan
+  x[9, -1] = -np.inf
+  return x
+
+
+def _assert_same_bits(a, b, msg, zero_sign=True):
+  """Equal bit patterns (so −0 ≠ +0, unless not `zero_sign`); any NaN equals any NaN."""
+  a, b = np.asarray(a, f32), np.asarray(b, f32)
+  same = (a.view(np.uint32) == b.view(np.uint32)) | (np.isnan(a) & np.isnan(b))
+  if not zero_sign:
+    same |= (a == 0) & (b == 0)
+  assert same.all(), (msg, int((~same).sum()), a[~same][:4], b[~same][:4])
+
+
+def _assert_same_results(got, k, want, msg, x, scale, ratio, w):
+  """Values and x's gradient bit for bit (the gradient's zeros of either sign); scale's and ratio's gradients to
+  float32 rounding of their terms.
+
+  `got` holds stacked results (the k-th is compared). The LSQ gradients of scale and ratio are differences
+  of nearly equal terms (round(v) − v, each of size about |x · w| / param) summed where the parameter
+  broadcasts, and XLA may contract a product and a sum into one FMA in one program and not in the other: the
+  tolerance is 1e-5 of the summed term sizes.
+  """
+  (q, grads), (q_want, grads_want) = jax.tree.map(lambda a: np.asarray(a)[k], got), want
+  _assert_same_bits(q, q_want, msg)
+  _assert_same_bits(grads[0], grads_want[0], (msg, "grad x"), zero_sign=False)  # a dropped kind adds +0
+  terms = np.nan_to_num(np.abs(np.asarray(x, np.float64) * w), nan=0.0, posinf=0.0)
+  for a, b, p, name in zip(grads[1:], grads_want[1:], (scale, ratio), ("scale", "ratio")):
+    a, b, p = np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(p, np.float64)
+    size = terms / p  # x-shaped
+    size = size.sum(axis=tuple(range(size.ndim - p.ndim)))  # summed where p broadcasts
+    size = size.sum(axis=tuple(d for d in range(p.ndim) if p.shape[d] == 1), keepdims=True)
+    ok = (a == b) | (np.isnan(a) & np.isnan(b)) | (np.abs(a - b) <= 1e-5 * size)
+    assert ok.all(), (msg, name, a[~ok][:4], b[~ok][:4])
+
+
+def _loss_grads(q_fn, x, scale, ratio, w):
+  """q and the gradients of sum(q · w) with respect to x, scale and ratio."""
+  loss = lambda a, s, r: jnp.sum(q_fn(a, s, r) * w)  # noqa: E731
+  return q_fn(x, scale, ratio), jax.grad(loss, argnums=(0, 1, 2))(x, scale, ratio)
+
+
+@functools.lru_cache(maxsize=None)
+def _grads_fn(fmt_or_formats, axis):
+  """A jitted (q, grads) function: by name for one format, or by index for a tuple of formats, mapped (lax.map,
+  one traced index at a time, as in the sweep) over an array of indices."""
+  if isinstance(fmt_or_formats, str):
+    return jax.jit(lambda *a: _loss_grads(lambda x, s, r: fake_quantize(x, fmt_or_formats, s, r, axis=axis), *a))
+  q_fn = lambda i: lambda x, s, r: fake_quantize_by_index(x, i, s, r, formats=fmt_or_formats, axis=axis)  # noqa: E731
+  return jax.jit(lambda idx, *a: jax.lax.map(lambda i: _loss_grads(q_fn(i), *a), idx))
+
+
+def _by_name_and_grads(x, fmt, scale, ratio, w, axis=-1):
+  return _grads_fn(fmt, axis)(x, scale, ratio, w)
+
+
+def _by_index_and_grads(x, indices, scale, ratio, w, formats, axis=-1):
+  return _grads_fn(tuple(formats), axis)(jnp.asarray(indices, jnp.int32), x, scale, ratio, w)
 
 
 class ErrorTest(parameterized.TestCase):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kure_jax import tree_paths
+from kure_jax.core import formats as F
 from kure_jax.core import quant as Q
 from kure_jax.errors import UserError
 from kure_jax.evaluation import step_providers
@@ -22,6 +23,29 @@ def test_groups_must_be_complete():
   with pytest.raises(ValueError, match="needs w_bits"):
     LayerQuant(w_bias_corr=1)
   assert LayerQuant(w_tanh=True).entries() == {"w_tanh": jnp.asarray(True)}
+  with pytest.raises(ValueError, match="a_formats lists what a_fmt can name; it needs a_fmt"):
+    LayerQuant(a_formats={"mxfp4": True})
+
+
+def test_formats_field_narrows_the_computed_kinds_without_changing_values():
+  # w_fmt indexes formats.FORMATS; w_formats (keys only, static) says which formats it may name, so the hook
+  # computes only their kinds: the values equal the unnarrowed hook's and fake_quantize's, bit for bit
+  k = jax.random.normal(jax.random.key(2), (64, 3))
+  x = jax.random.normal(jax.random.key(3), (2, 64))
+  layer = QDense(3, use_bias=False)
+  named = ("int4", "fp4_e2m1", "mxfp4")
+
+  def out(fmt, formats):
+    spec = LayerQuant(w_fmt=F.FORMATS.index(fmt), w_scale=0.25 if fmt != "mxfp4" else 1.0, w_ratio=1.1,
+                      w_formats=formats)
+    return jax.jit(lambda q: layer.apply({"params": {"kernel": k}, "quant": q}, x))(
+        quant_collection(None, {"kernel": spec}))
+
+  for fmt in named:
+    want = x @ F.fake_quantize(k, fmt, 0.25 if fmt != "mxfp4" else 1.0, 1.1, axis=-2)
+    narrowed = out(fmt, dict.fromkeys(named, True))
+    np.testing.assert_array_equal(narrowed, out(fmt, None))
+    np.testing.assert_allclose(narrowed, want, rtol=1e-6, atol=1e-6)
 
 
 def test_builder_places_entries_beside_kernels_and_rejects_typos():

@@ -4,7 +4,8 @@ One pure function, ``fake_quantize(x, fmt, scale=None, ratio=1.0, *, axis=-1, bl
 maps x onto a format's values and back (same shape and dtype as x), with a straight-through
 gradient. ``fake_quantize_by_index`` does the same with the format chosen by a traced integer,
 so a sweep can treat the format as data (like the bit-width) and score integer and
-floating-point points in one compiled function.
+floating-point points in one compiled function; it rounds by arithmetic on the format's
+constants instead of casts and branches, with the same results bit for bit (see `fake_quantize_by_index`).
 
 Formats (`FORMATS`):
 
@@ -358,12 +359,17 @@ def fake_quantize_by_index(x: jax.Array, index: jax.Array | int, scale: jax.Arra
                            axis: int = -1) -> jax.Array:
   """`fake_quantize` with the format ``formats[index]``; `index` may be a traced int32.
 
-  For sweeps that treat the format as data: ``lax.switch`` over the static tuple `formats`,
-  so under ``lax.map`` only the chosen branch runs and under ``vmap`` over `index` (and
-  `scale`, `ratio`) every branch runs and the right one is selected. `scale` means what it
-  means for the chosen format (see `fake_quantize`; take it from `max_scales(x, formats)[index]`
-  or pass None for each format's max scaling). Block formats use their default block size.
-  A traced index outside 0…len(formats)−1 is clamped (lax.switch); a concrete one raises.
+  For sweeps that treat the format as data. Branchless: the element rounding is arithmetic on
+  the chosen format's constants, gathered from small tables by `index`, so one elementwise pass
+  serves every scalar format and fuses with its neighbours like an integer grid does; the MX
+  formats share one block path (their constants gathered too) and NVFP4 has its own. Only the
+  kinds of format (`KINDS`: scalar, MX, NVFP4) that the static tuple `formats` holds are
+  computed, the chosen kind selected by jnp.where, so pass only the formats a sweep can choose.
+  The values and x-gradients are those of `fake_quantize` bit for bit (the LSQ gradients of
+  `scale` and `ratio` to float32 rounding). `scale` means what it means for the chosen format
+  (see `fake_quantize`; take it from `max_scales(x, formats)[index]` or pass None for each
+  format's max scaling). Block formats use their default block size. A traced index outside
+  0…len(formats)−1 is clamped; a concrete one raises.
   """
   fn = "fake_quantize_by_index"
   formats = _check_formats(fn, formats)
@@ -381,12 +387,222 @@ def fake_quantize_by_index(x: jax.Array, index: jax.Array | int, scale: jax.Arra
   return out.astype(x.dtype)
 
 
+# ------------------------------------------------------------------ branchless by-index path
+#
+# The by-name path rounds through the float8/float4 dtypes and branches on the format in Python; a traced
+# format index cannot do that without a conditional (lax.switch), and a conditional inside a network under
+# lax.map keeps XLA from fusing the elementwise quantization into its neighbours (it made format points of
+# the one-call sweep ~3× slower than integer points). So the by-index path rounds with arithmetic on
+# per-format parameters gathered by the index: with c = clip(v, lo, hi) and e the exponent of c (read from
+# its bits: exact, no log2) clamped to [e_lo, e_hi], ulp = 2^(e − mantissa bits) and the element is
+# round_half_even(c · (1/ulp)) · ulp (powers of two: exact). That is RNE onto a float format's values
+# (subnormals: e clamps at the smallest normal exponent), the integer grid (e_lo = e_hi = 0, no mantissa
+# bits: ulp 1) and MXINT8's (ulp 2^−6), bit for bit what the casts give; block scales are built the same way
+# (E8M0 from amax's exponent bits, E4M3 by the rounding above). The tests compare values and x-gradients of
+# every format, on ties, subnormals, saturation, inf and NaN, with the by-name path bit for bit.
+#
+# Speed on XLA:CPU (benchmarks/formats_sweep.py): a block's max |y| is an integer max over |x|'s bit
+# patterns times 1/S (a float max becomes a library call that needs its input materialized; the integer
+# reduction fuses with x's producer), so a block format costs one extra read of x and a small per-block pass.
+
+_EXP_MASK = 0x7F800000  # float32 exponent field
+
+
+@dataclasses.dataclass(frozen=True)
+class _Element:
+  """Element rounding constants, per format (columns of the by-index tables)."""
+
+  lo: float           # clip range in units of the step (the signed integer grid: −2^(b−1) … 2^(b−1)−1)
+  hi: float
+  ef_lo: int          # the exponent clamp as float32 exponent fields (biased, << 23)
+  ef_hi: int
+  mshift: int         # mantissa bits << 23
+  nan_out: bool       # NaN takes the saturated branch (float formats: no gradient) or the inside one (ints)
+
+
+def _element(element: str) -> _Element:
+  if element == "mxint8":
+    return _Element(-_MXINT8_MAX, _MXINT8_MAX, 127 << 23, 127 << 23, 6 << 23, True)
+  if element.startswith("int"):
+    half = 2.0 ** (int(element[3:]) - 1)
+    return _Element(-half, half - 1.0, 127 << 23, 127 << 23, 0, False)
+  fi = ml_dtypes.finfo(_FLOAT_DTYPES[element])
+  emin = math.frexp(float(fi.tiny))[1] - 1
+  emax = math.frexp(float(fi.max))[1] - 1
+  return _Element(-float(fi.max), float(fi.max), (emin + 127) << 23, (emax + 127) << 23, int(fi.nmant) << 23, True)
+
+
+def _round_arith(c: jax.Array, ef_lo, ef_hi, mshift) -> jax.Array:
+  """Round float32 `c` (within the format's range) to nearest even on the grid of its clamped binade."""
+  ef = jnp.clip(jax.lax.bitcast_convert_type(c, jnp.int32) & _EXP_MASK, ef_lo, ef_hi)
+  ulp_bits = ef - mshift
+  ulp = jax.lax.bitcast_convert_type(ulp_bits, jnp.float32)
+  inv_ulp = jax.lax.bitcast_convert_type((254 << 23) - ulp_bits, jnp.float32)  # 1 / ulp, exact
+  return jnp.round(c * inv_ulp) * ulp
+
+
+def _ste_round_arith(v: jax.Array, el: dict) -> jax.Array:
+  """`_ste_round` (floats) and kure_jax.quant's signed grid (ints) with gathered element constants `el`.
+
+  round(clip(v, lo, hi)) in value; gradient 1 inside [lo, hi], 0 outside (the clip level is a constant).
+  """
+  lo, hi = el["lo"], el["hi"]
+  r = jax.lax.stop_gradient(_round_arith(jnp.clip(v, lo, hi), el["ef_lo"], el["ef_hi"], el["mshift"]))
+  outside = (v < lo) | (v > hi) | (jnp.isnan(v) & el["nan_out"])
+  return jnp.where(outside, r, v + jax.lax.stop_gradient(r - v))
+
+
+KINDS: tuple[str, ...] = ("scalar", "mx", "nvfp4")  # scalar: the int and float formats (no blocks)
+
+
+def kind(fmt: str) -> str:
+  """The kind of a format: 'scalar' (integer and float formats), 'mx' or 'nvfp4'."""
+  sp = spec(fmt)
+  return "scalar" if sp.block_size is None else sp.kind
+
+
+def formats_of_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+  """The formats of the given kinds, in `FORMATS` order."""
+  for k in kinds:
+    _checks.check_choice("formats_of_kinds", "kind", k, KINDS)
+  return tuple(f for f in FORMATS if kind(f) in kinds)
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(formats: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """Per-format constants of `formats` as NumPy columns (gathered by the traced index)."""
+  sps = [SPECS[f] for f in formats]
+  els = [_element(sp.element) for sp in sps]
+  cols = {k: np.asarray([getattr(e, k) for e in els]) for k in ("lo", "hi", "ef_lo", "ef_hi", "mshift", "nan_out")}
+  cols = {k: v.astype(np.float32 if k in ("lo", "hi") else (bool if k == "nan_out" else np.int32))
+          for k, v in cols.items()}
+  cols["kind"] = np.asarray([KINDS.index(kind(f)) for f in formats], np.int32)
+  cols["emax"] = np.asarray([sp.emax or 0 for sp in sps], np.int32)
+  denom = [sp.largest * _E4M3_MAX if sp.kind == "nvfp4" else sp.largest for sp in sps]
+  cols["inv_denom"] = np.asarray([np.float32(1.0) / np.float32(d) for d in denom], np.float32)
+  return cols
+
+
+def _blocks_of(y: jax.Array, axis: int, block: int):
+  """`_to_blocks`, without the zero padding when the axis is shorter than a block (one short block: the
+  same amax, nothing to drop again)."""
+  n = y.shape[axis]
+  if n > block:
+    return _to_blocks(y, axis, block)
+  y = jnp.expand_dims(jnp.moveaxis(y, axis, -1), -2)
+  return y, lambda b: jnp.moveaxis(b[..., 0, :], -1, axis)
+
+
+def _abs_max(x: jax.Array) -> jax.Array:
+  """max |x| over the last axis (keepdims), as an integer max of the bit patterns: the same value (|x|'s bits
+  order like its values, NaN's above inf's), and XLA:CPU fuses an integer reduction with x's producer where it
+  hands a float max to a separate library call that needs x materialized."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32) & 0x7FFFFFFF
+  return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1, keepdims=True), jnp.float32)
+
+
+def _block_candidate(x32: jax.Array, inv_s: jax.Array, ratio: jax.Array, block_kind: str, emax, axis: int,
+                     block: int, xmax: jax.Array | None):
+  """A block format's v = y / step (y = x / S) and step, in x's layout: `_block_quantize` up to the element
+  rounding, with the block scales computed by arithmetic (MX: `emax` may be traced).
+
+  `xmax`: each block's max |x| (see `_block_xmax`) when S is constant along the blocks, else None (max |y|
+  is taken from y).
+  """
+  y = x32 * inv_s
+  yb, restore = _blocks_of(y, axis, block)
+  if xmax is not None:  # max |x · (1/S)| = max |x| · (1/S) exactly: rounding is monotonic
+    amax = xmax * _in_blocks(inv_s, x32.ndim, axis)
+  else:
+    amax = jnp.max(jnp.abs(yb), axis=-1, keepdims=True)
+  amax = jax.lax.stop_gradient(amax)
+  if block_kind == "mx":  # E8M0 2^(⌊log2 amax⌋ − emax) clamped to 2^−127 … 2^127, built from amax's exponent bits
+    ebits = jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23  # amax ≥ 0; 0 for zero and subnormal amax
+    biased = jnp.clip(ebits - emax, 0, 254)  # a subnormal amax is below 2^−126: clamps to 0 like frexp's exponent
+    s_b = jax.lax.bitcast_convert_type(jnp.where(biased > 0, biased << 23, 0x00400000), jnp.float32)  # 0: 2^−127
+  else:  # E4M3(min(amax / 6, 448)), rounded like the cast
+    fp8 = _element("fp8_e4m3")
+    s_b = _round_arith(jnp.minimum(amax * (np.float32(1.0) / np.float32(6.0)), _E4M3_MAX), fp8.ef_lo, fp8.ef_hi,
+                       fp8.mshift)
+  s_b = jnp.where(jnp.isfinite(amax), s_b, jnp.nan)  # inf/NaN in a block: the MX spec's NaN scale
+  if np.ndim(ratio) == 0:
+    step = ratio * s_b
+  else:
+    step = _blocks_of(jnp.broadcast_to(ratio, y.shape), axis, block)[0] * s_b
+  ok = step > 0  # a zero (or flushed-subnormal) block scale: the block quantizes to zero
+  v = jnp.where(ok, yb * (1.0 / jnp.where(ok, step, 1.0)), jnp.where(jnp.isnan(step), jnp.nan, 0.0))
+  return restore(v), restore(jnp.broadcast_to(step, yb.shape))
+
+
+def _in_blocks(a: jax.Array, ndim: int, axis: int) -> jax.Array:
+  """An array broadcastable to x with size 1 along `axis`, in the (…, 1 block, 1) layout of `_blocks_of`."""
+  a = jnp.reshape(a, (1,) * (ndim - np.ndim(a)) + np.shape(a))
+  return jnp.moveaxis(a, axis, -1)[..., None]
+
+
+def _block_xmax(x32: jax.Array, axis: int, blocks: Sequence[int]) -> dict[int, jax.Array]:
+  """Each block's max |x| for each block size; a size that nests in a smaller one (32 in 16) reuses its maxima."""
+  out: dict[int, jax.Array] = {}
+  n = x32.shape[axis]
+  for b in sorted(set(blocks)):
+    small = next((a for a in out if (n <= a) or (n % b == 0 and b % a == 0)), None)
+    if small is None:
+      out[b] = _abs_max(_blocks_of(x32, axis, b)[0])
+    elif n <= small:  # one (short) block either way
+      out[b] = out[small]
+    else:  # (…, n/a, 1) → (…, n/b, b/a) → max
+      m = out[small]
+      out[b] = _abs_max(m.reshape(m.shape[:-2] + (n // b, b // small)))
+  return out
+
+
 @functools.partial(jax.jit, static_argnames=("formats", "axis"))
 def _by_index(x32: jax.Array, index: jax.Array, scale, ratio: jax.Array, *, formats: tuple[str, ...],
               axis: int) -> jax.Array:
-  """lax.switch over the formats' branches (compiled once per shape and format tuple)."""
-  branches = [functools.partial(_fake_quantize, sp=SPECS[f], axis=axis, block=None) for f in formats]
-  return jax.lax.switch(index, branches, x32, scale, ratio)
+  """Fake quantization to ``formats[index]`` without a per-format conditional.
+
+  Each kind of format in `formats` (scalar, MX, NVFP4) yields its v = x / step and step per element (block
+  kinds: after their block scales), the format's constants gathered by `index`; the chosen kind's v and
+  step are selected (jnp.where, when more than one kind occurs) and go through one element rounding.
+  """
+  tab = _tables(formats)
+  index = jnp.clip(index, 0, len(formats) - 1)  # a traced index out of range is clamped (as lax.switch did)
+  get = lambda k: jnp.asarray(tab[k])[index]  # noqa: E731
+  el = {k: get(k) for k in ("lo", "hi", "ef_lo", "ef_hi", "mshift", "nan_out")}
+  kinds = tuple(k for k in KINDS if k in {KINDS[i] for i in tab["kind"]})
+  kid = get("kind") if len(kinds) > 1 else KINDS.index(kinds[0])
+  is_ = lambda k: kid == KINDS.index(k)  # noqa: E731
+  if scale is None:  # max scaling: amax / largest (scalar), 1 (MX), amax / (6·448) (NVFP4)
+    scale = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.abs(x32)) * get("inv_denom"), _TINY))
+    if "mx" in kinds:
+      scale = jnp.where(is_("mx"), jnp.float32(1.0), scale)
+  # A kind that is not chosen computes on scale and ratio 1: its result is dropped, and the jnp.where that
+  # substitutes them also keeps that kind's gradients (NaN where its blocks hold a NaN) out of scale's and ratio's.
+  own = lambda k, a: a if len(kinds) == 1 else jnp.where(is_(k), a, jnp.float32(1.0))  # noqa: E731
+  cands = {}  # kind → (v, step, the per-tensor scale S a block kind multiplies in after rounding)
+  if "scalar" in kinds:
+    step = own("scalar", scale) * own("scalar", ratio)
+    cands["scalar"] = (x32 * (1.0 / step), step, None)
+  block_kinds = [k for k in kinds if k != "scalar"]
+  if block_kinds:
+    sizes = {"mx": 32, "nvfp4": SPECS["nvfp4"].block_size}
+    constant = np.ndim(scale) < x32.ndim - axis or np.shape(scale)[axis - x32.ndim] == 1  # S constant along axis
+    xmax = _block_xmax(x32, axis, [sizes[k] for k in block_kinds]) if constant else {}
+    for k in block_kinds:
+      s_k = own(k, scale)
+      cands[k] = _block_candidate(x32, 1.0 / s_k, own(k, ratio), k, get("emax") if k == "mx" else None, axis,
+                                  sizes[k], xmax.get(sizes[k])) + (s_k,)
+  v, step, s_blk = cands[kinds[-1]]
+  for k in kinds[-2::-1]:
+    v, step = jnp.where(is_(k), cands[k][0], v), jnp.where(is_(k), cands[k][1], step)
+    if k != "scalar":
+      s_blk = jnp.where(is_(k), cands[k][2], s_blk)
+  out = _ste_round_arith(v, el) * step
+  if not block_kinds:
+    return out
+  if "scalar" not in kinds:
+    return out * s_blk
+  return jnp.where(is_("scalar"), out, out * s_blk)
 
 
 def largest_values(formats: Sequence[str] = FORMATS) -> jax.Array:

@@ -207,20 +207,22 @@ def _quant_for_point(plan: _Plan, base: dict, pt: dict) -> dict:
     w_base = base["w"][p][pt["method"], pt["bit_idx"]]
     w_step = _apply_policy(w_base / pt["ratio"] if sliding else w_base * pt["ratio"], pt["policy"])
     fmt = grid.formats != ()  # the number-format path of the hook (fmt −1: the integer grid above)
+    named = dict.fromkeys(grid.formats, True) if fmt else None  # the hook computes only these formats' kinds
     spec = LayerQuant(
         w_bits=jnp.where(pt["w_on"], pt["bits"], 0), w_step=w_step,
         w_tanh=True if plan.dorefa else None,
         w_bias_corr=BIAS_CORRECTIONS.index(grid.bias_correction) if grid.bias_correction != "none" else None,
         w_fmt=jnp.where(pt["w_on"], pt["fmt"], -1) if fmt else None,
         w_scale=_apply_policy(base["wf"][p][pt["fmt_idx"]], pt["policy"]) if fmt else None,
-        w_ratio=pt["ratio"] if fmt else None)
+        w_ratio=pt["ratio"] if fmt else None, w_formats=named)
     if p in base["a"]:
       a_ratio = 1.0 if sliding else pt["ratio"]  # sliding perturbs the weights only
       a_step = _apply_policy(base["a"][p][pt["method"], pt["bit_idx"]] * a_ratio, pt["policy"])
       spec = spec.replace(a_bits=jnp.where(pt["a_on"], pt["bits"], 0), a_step=a_step)
       if fmt:
         spec = spec.replace(a_fmt=jnp.where(pt["a_on"], pt["fmt"], -1),
-                            a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"])
+                            a_scale=_apply_policy(base["af"][p][pt["fmt_idx"]], pt["policy"]), a_ratio=pt["ratio"],
+                            a_formats=named)
     layers[p] = spec
   sites = {}
   if plan.sites:  # DoReFa's ReLUs: clamp [0, 1] and its fixed step 1/(2^M − 1) (× the ratio, symmetric mode)

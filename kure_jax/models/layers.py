@@ -77,8 +77,12 @@ class LayerQuant:
     w_fmt, w_scale, w_ratio   a number format of `kure_jax.core.formats` (an index into `formats.FORMATS`;
                        −1 keeps the integer grid above), its scale (per tensor or per channel) and a step
                        ratio; block formats run along the kernel's input axis
+    w_formats          optional, with w_fmt: the formats w_fmt can name, as the keys of a dict (static
+                       under jit; the values are unused): only their kinds of format are computed (see
+                       `formats.fake_quantize_by_index`). None: every format can be named
     a_bits, a_step     input-activation bit-width (0: float) and step (scalar)
     a_fmt, a_scale, a_ratio   the number format of the input activation (blocks along its channels)
+    a_formats          the formats a_fmt can name (like w_formats)
   """
 
   w_bits: Any = None
@@ -88,11 +92,13 @@ class LayerQuant:
   w_fmt: Any = None
   w_scale: Any = None
   w_ratio: Any = None
+  w_formats: Any = None
   a_bits: Any = None
   a_step: Any = None
   a_fmt: Any = None
   a_scale: Any = None
   a_ratio: Any = None
+  a_formats: Any = None
 
   GROUPS = (("w_bits", "w_step"), ("w_fmt", "w_scale", "w_ratio"), ("a_bits", "a_step"),
             ("a_fmt", "a_scale", "a_ratio"))
@@ -103,12 +109,16 @@ class LayerQuant:
       if any(given) and not all(given):
         missing = [f for f, g in zip(group, given) if not g]
         raise ValueError(f"LayerQuant: {', '.join(group)} go together; missing {', '.join(missing)}.")
+    for side in "wa":
+      if getattr(self, f"{side}_formats") is not None and getattr(self, f"{side}_fmt") is None:
+        raise ValueError(f"LayerQuant: {side}_formats lists what {side}_fmt can name; it needs {side}_fmt.")
     if self.w_bias_corr is not None and self.w_bits is None:
       raise ValueError("LayerQuant: w_bias_corr corrects the integer-grid weights; it needs w_bits and w_step.")
 
   def entries(self) -> dict[str, jax.Array]:
     """The collection entries: the fields that are set, as arrays."""
-    return {f.name: jnp.asarray(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+    return {f.name: jax.tree.map(jnp.asarray, v) for f in dataclasses.fields(self)
+            if (v := getattr(self, f.name)) is not None}
 
   @classmethod
   def read(cls, mdl: nn.Module) -> "LayerQuant":
@@ -127,7 +137,7 @@ class LayerQuant:
         quantized = bias_correct(quantized, kernel, jnp.where(jnp.asarray(self.w_bits) > 0, self.w_bias_corr, 0))
       kernel = quantized
     if self.w_fmt is not None:
-      kernel = _maybe_format(kernel, self.w_fmt, self.w_scale, self.w_ratio, axis=-2)
+      kernel = _maybe_format(kernel, self.w_fmt, self.w_scale, self.w_ratio, self.w_formats, axis=-2)
     return kernel
 
   def quantize_input(self, x: jax.Array, act_grid: str) -> jax.Array:
@@ -135,7 +145,7 @@ class LayerQuant:
     if self.a_bits is not None:
       x = _maybe_quantize(x, self.a_step, self.a_bits, act_grid)
     if self.a_fmt is not None:
-      x = _maybe_format(x, self.a_fmt, self.a_scale, self.a_ratio, axis=-1)
+      x = _maybe_format(x, self.a_fmt, self.a_scale, self.a_ratio, self.a_formats, axis=-1)
     return x
 
 
@@ -148,11 +158,17 @@ def quant_hook(mdl: nn.Module, x: jax.Array, kernel: jax.Array, *, weight_grid: 
   return spec.quantize_input(x, act_grid), spec.quantize_weight(kernel, weight_grid)
 
 
-def _maybe_format(x: jax.Array, fmt: jax.Array, scale: jax.Array, ratio: jax.Array, *, axis: int) -> jax.Array:
+def _maybe_format(x: jax.Array, fmt: jax.Array, scale: jax.Array, ratio: jax.Array,
+                  formats: Mapping[str, Any] | None, *, axis: int) -> jax.Array:
   """x in the number format ``formats.FORMATS[fmt]`` where fmt ≥ 0 (traced: one compiled function serves
-  every format); x itself where fmt < 0."""
+  every format); x itself where fmt < 0. `formats` (keys only) narrows what is computed to the formats fmt
+  can name."""
   fmt = jnp.asarray(fmt)
-  q = F.fake_quantize_by_index(x, jnp.maximum(fmt, 0), scale, ratio, axis=axis)
+  index = jnp.maximum(fmt, 0)
+  names = F.FORMATS if formats is None else tuple(f for f in F.FORMATS if f in formats)
+  if names != F.FORMATS:  # an index into FORMATS → into `names` (a format not listed maps to the first)
+    index = jnp.asarray([names.index(f) if f in names else 0 for f in F.FORMATS], jnp.int32)[index]
+  q = F.fake_quantize_by_index(x, index, scale, ratio, formats=names, axis=axis)
   return jnp.where(fmt >= 0, q, x)
 
 
