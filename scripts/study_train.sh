@@ -27,16 +27,16 @@ source "$(dirname "$0")/train_runs.sh"
 # 1. the converged base: the recipe of configs/cifar10_resnet20.py
 run base
 
-# 2. fine-tunes from the base, identical schedules (constant learning rate, FT_EPOCHS epochs); DoReFa in the
+# 2. fine-tunes from the base, identical schedules, in pairs (a partial study already compares like with like) (constant learning rate, FT_EPOCHS epochs); DoReFa in the
 #    authors' model form (every ReLU clamped and quantized, the residual stream included)
 ft=(--config.init_from="$out/base" --config.num_epochs="$ft_epochs" --config.schedule.name=constant
     --config.schedule.learning_rate="$ft_lr" --config.schedule.warmup_epochs=0)
 finetunes=(
   "baseline_s0 --config.seed=0 --config.kure.weight=0"
-  "baseline_s1 --config.seed=1 --config.kure.weight=0"
-  "baseline_s2 --config.seed=2 --config.kure.weight=0"
   "kure_s0 --config.seed=0 --config.kure.weight=1.0 --config.kure.target=1.8"
+  "baseline_s1 --config.seed=1 --config.kure.weight=0"
   "kure_s1 --config.seed=1 --config.kure.weight=1.0 --config.kure.target=1.8"
+  "baseline_s2 --config.seed=2 --config.kure.weight=0"
   "kure_s2 --config.seed=2 --config.kure.weight=1.0 --config.kure.target=1.8"
   "kure_t2.4 --config.kure.weight=1.0 --config.kure.target=2.4"
   "kure_t3 --config.kure.weight=1.0 --config.kure.target=3.0"

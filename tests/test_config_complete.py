@@ -330,7 +330,7 @@ def test_the_study_evaluations_parse_and_validate(monkeypatch):
   r = subprocess.run(["bash", "scripts/study_eval.sh", "data", "runs/x"], capture_output=True, text=True,
                      env={"DRY": "1", "PATH": "/usr/bin:/bin"}, check=True)
   commands = [shlex.split(line) for line in r.stdout.splitlines()]
-  assert len(commands) == 15  # 5 evaluations × 2 presets, 5 of QAT checkpoints
+  assert len(commands) == 16  # 5 evaluations × 2 presets, 1 of number formats, 5 of QAT checkpoints
   presets = set()
   for argv in commands:
     assert argv[:2] == ["python", "eval.py"] and argv[argv.index("--out") + 1].startswith("runs/x/eval_")
