@@ -65,10 +65,11 @@ for p in "${presets[@]}"; do
 done
 
 # Number formats (issue 17): the kurtosis targets scored across integer, FP, MX and NVFP4 formats, per output
-# channel (integer points: MSE steps; format points: max scaling), weights and weights + activations
+# channel (the integer grid's points: MSE steps; format points, int8/4/3 among them: max scaling), weights and
+# weights + activations
 evaluate formats "base baseline_s0 kure_s0 kure_t2.4 kure_t3 kure_t4 kure_t6" "${at_1[@]}" \
     --config.eval.granularity=channel --config.eval.bits="(3,4,8)" --config.eval.targets="('weights','both')" \
-    --config.eval.formats="('fp8_e4m3','fp6_e3m2','fp4_e2m1','mxfp8_e4m3','mxfp6_e3m2','mxfp4','nvfp4','mxint8')"
+    --config.eval.formats="('int8','int4','int3','fp8_e4m3','fp6_e3m2','fp4_e2m1','mxfp8_e4m3','mxfp6_e3m2','mxfp4','nvfp4','mxint8')"
 
 # QAT checkpoints, scored with their own (learned) steps: bit-widths weights-only (as the authors) and WkAk, and
 # step ratios; DoReFa in both perturbation modes (symmetric: Δ = ratio·Δ̃; the authors' sliding grid)
