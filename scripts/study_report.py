@@ -985,12 +985,21 @@ def plots(st: Study, dest: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- main
 
 
+FORMAT_MODELS = ("base", "baseline_s0", "kure_t6", "kure_t4", "kure_t3", "kure_t2.4", "kure_s0")  # kurtosis falls
+
+
 def formats_md(st: Study) -> str:
-  rows = [r for r in st.evals.get("formats", ([], {}))[0] if r.get("format")]
+  all_rows = st.evals.get("formats", ([], {}))[0]
+  rows = [r for r in all_rows if r.get("format")]
   if not rows:
     return "# Number formats\n\n" + _not_run(["formats"]) + ".\n"
-  return ("# Number formats (issue 17)\n\nTop-1 % of each format at its max scaling (per output channel) / its "
-          "worst over the scale ratios scored; integer grids beside them in the formats' scaling.\n\n"
+  scored = {r["checkpoint"] for r in all_rows}
+  order = [m for m in FORMAT_MODELS if m in scored] + sorted(scored - set(FORMAT_MODELS))
+  return ("# Number formats (issue 17)\n\nWhich kurtosis target serves which format: top-1 % of each format at its "
+          "max scaling (per output channel; the integer grid's rows at its MSE step), the best in bold, and each "
+          "model's mean and worst regret (the best model's top-1 minus its own) over the formats. Columns from "
+          "the highest kurtosis to the lowest.\n\n" + report.format_choice_table(all_rows, order)
+          + "\n\nEach format at its max scaling / its worst over the scale ratios scored:\n\n"
           + report.formats_table(rows) + "\n\n![formats](formats.png)\n")
 
 

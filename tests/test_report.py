@@ -171,3 +171,22 @@ def test_relative_to_best():
     assert {r["best_ratio"] for r in mine} == {star}
     assert [r["top1"] for r in mine] == acc[c]
   assert rows[0]["ratio"] == 0.8  # the input rows are left as they were
+
+
+def test_format_choice_table_bolds_the_best_and_sums_the_regret():
+  def row(ck, fmt, bits, top1, ratio=1.0, target="weights"):
+    return dict(checkpoint=ck, format=fmt, bits=bits, ratio=ratio, policy="exact", method="max" if fmt else "mse",
+                target=target, top1=top1)
+
+  rows = [row("k18", "fp4_e2m1", 0, 80.0), row("k3", "fp4_e2m1", 0, 84.0), row("k18", "fp4_e2m1", 0, 10.0, 0.8),
+          row("k18", "mxfp4", 0, 70.0), row("k3", "mxfp4", 0, 66.0),
+          row("k18", "", 4, 90.0), row("k3", "", 4, 88.5), row("k18", "", 3, 50.0)]
+  lines = report.format_choice_table(rows, ["k18", "k3"]).splitlines()
+  assert lines[0] == "| target | format | k18 | k3 |"
+  assert lines[2] == "| weights | fp4_e2m1 | 80.0 | **84.0** |"   # the base step (ratio 1), not the 0.8 point
+  assert lines[3] == "| weights | mxfp4 | **70.0** | 66.0 |"
+  assert lines[4] == "| weights | int4 grid | **90.0** | 88.5 |"
+  assert lines[5] == "| weights | int3 grid | **50.0** | – |"
+  # regrets: k18 (4, 0, 0, 0) -> mean 1.0, worst 4.0; k3 (0, 4, 1.5) -> mean 1.833, worst 4.0
+  assert lines[6] == "| weights | *mean regret* | 1.0 | 1.8 |"
+  assert lines[7] == "| weights | *worst regret* | 4.0 | 4.0 |"

@@ -388,3 +388,40 @@ def plot_formats(rows: Sequence[dict[str, Any]], path: str, title: str = "", met
   if n_rows == 2:
     _legend(axes[1:])
   return _save(fig, path, title or f"{metric.title} in number formats")
+
+
+def format_choice_table(rows: Sequence[dict[str, Any]], checkpoints: Sequence[str] | None = None,
+                        metric=None) -> str:
+  """Which model serves which number format: per target and format (at its base step: max scaling, or the
+  integer grid's Δ̃, written 'int{b} grid'), each checkpoint's metric with the best in bold, then per target
+  each checkpoint's mean and worst regret (best − its own) over the formats.
+
+  The model with the smallest regret over every format is the candidate for "one model for every format";
+  `checkpoints` orders the columns (e.g. by kurtosis target).
+  """
+  metric = metric_of(rows, metric)
+  key, spec = metric.key, metric.fmt
+  cks = list(checkpoints) if checkpoints is not None else _unique(rows, "checkpoint")
+  exact = [r for r in rows if r.get("policy", "exact") == "exact"]
+  lines = ["| target | format | " + " | ".join(cks) + " |", "| --- | --- | " + " | ".join("---:" for _ in cks) + " |"]
+  for target in _unique(exact, "target"):
+    of_target = select(exact, target=target)
+    names = [(f, None) for f in _unique(of_target, "format") if f] + \
+            [("", b) for b in sorted({r["bits"] for r in of_target if not r.get("format")}, reverse=True)]
+    regrets: dict[str, list[float]] = {ck: [] for ck in cks}
+    for fmt, bits in names:
+      match = dict(target=target, format=fmt) if fmt else dict(target=target, format="", bits=bits)
+      vals = {ck: (at_base(of_target, checkpoint=ck, **match) or {}).get(key) for ck in cks}
+      got = [v for v in vals.values() if v is not None]
+      if not got:
+        continue
+      best = max(got)
+      for ck, v in vals.items():
+        if v is not None:
+          regrets[ck].append(best - v)
+      cells = ["–" if v is None else (f"**{v:{spec}}**" if v == best else f"{v:{spec}}") for v in vals.values()]
+      lines.append(f"| {_TARGET_NAMES.get(target, target)} | {fmt or f'int{bits} grid'} | " + " | ".join(cells) + " |")
+    for label, fn in (("mean regret", statistics.fmean), ("worst regret", max)):
+      cells = [f"{fn(regrets[ck]):{spec}}" if regrets[ck] else "–" for ck in cks]
+      lines.append(f"| {_TARGET_NAMES.get(target, target)} | *{label}* | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
