@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500             # global, for the epoch evaluation and eval.py
   c.num_epochs = 1                    # training length in epochs of the train split
   c.max_steps = config_dict.placeholder(int)  # optional cap on the number of steps
+  c.cpu_devices = 1                   # on a CPU: split it into this many XLA devices and train data parallel over
+                                      # them (2 on a 2-core CPU: 1.3x faster steps); set before JAX starts
   c.dtype = "float32"                 # training compute: float32 | bfloat16 (mixed precision: params, optimizer,
                                       # BatchNorm statistics, kurtosis and loss stay float32)
 

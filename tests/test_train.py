@@ -265,3 +265,23 @@ def test_batch_not_divisible_by_devices(folder, tmp_path):
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert r.stderr.strip().splitlines()[-1] == (
       "error: batch_size=6 is not divisible by the 4 devices; use a multiple of 4 (e.g. --config.batch_size=4).")
+
+
+def test_cpu_devices_split_the_cpu_from_the_command_line(folder, tmp_path):
+  # 2 CPU devices took effect before JAX started: a batch of 3 does not divide over them
+  args = cli_args(folder, tmp_path / "w", batch_size=3) + ["--config.cpu_devices=2"]
+  r = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: batch_size=3 is not divisible by the 2 devices; use a multiple of 2 (e.g. --config.batch_size=2).")
+
+
+def test_cpu_devices_after_jax_started_and_bad_values_are_one_line_errors(folder, tmp_path):
+  jax.devices()  # JAX has started, with this process's CPU device count
+  have = len(jax.devices("cpu"))
+  with pytest.raises(UserError, match=rf"^config.cpu_devices is {have + 1}, but JAX has already started with "
+                                      rf"{have} CPU device\(s\): set it before the first JAX computation"):
+    train_and_evaluate(tiny_config(folder, max_steps=1, cpu_devices=have + 1), str(tmp_path / "w"))
+  for bad in (0, -2):
+    with pytest.raises(UserError, match=r"^config.cpu_devices must be a whole number ≥ 1"):
+      train_and_evaluate(tiny_config(folder, max_steps=1, cpu_devices=bad), str(tmp_path / "w"))

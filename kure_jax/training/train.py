@@ -131,6 +131,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     bad("num_epochs", f"must be > 0, got {config.num_epochs}.")
   if config.get("max_steps") is not None and config.max_steps <= 0:
     bad("max_steps", f"must be > 0 (or unset for no cap), got {config.max_steps}.")
+  cpu_devices = config.get("cpu_devices", 1)
+  if not isinstance(cpu_devices, int) or isinstance(cpu_devices, bool) or cpu_devices < 1:
+    bad("cpu_devices", f"must be a whole number ≥ 1, got {cpu_devices!r}.")
   if config.get("dtype", "float32") not in COMPUTE_DTYPES:
     bad("dtype", f"is {config.dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}.")
   if config.optimizer.name not in OPTIMIZERS:
@@ -424,8 +427,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Train `config.model` on `config.dataset`, evaluating every epoch; returns final metrics."""
   validate_config(config)
   task = tasks_lib.get(config.get("task", "classification"))
-  mesh = sharding.make_mesh()
   try:
+    sharding.use_cpu_devices(config.get("cpu_devices", 1))
+    mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   except ValueError as e:
