@@ -82,6 +82,11 @@ def test_cli(trained, tmp_path):
                        timeout=300)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1] == "error: grid.bits: 17 is outside 2…16 (whole numbers)."
+  # config.cpu_devices splits the CPU before JAX starts, as in train.py: 2 devices do not divide 3 images
+  split = subprocess.run(args + ["--config.cpu_devices=2", "--config.eval_batch_size=3"], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=300)
+  assert split.returncode == 2 and "Traceback" not in split.stderr
+  assert split.stderr.strip().splitlines()[-1].startswith("error: eval_batch_size=3 is not divisible by the 2 devices")
 
 
 MULTI_DEVICE_EVAL = textwrap.dedent("""

@@ -109,8 +109,9 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
   labels = list(labels or [os.path.basename(os.path.normpath(c)) for c in checkpoints])
   if len(labels) != len(checkpoints):
     raise UserError(f"{len(labels)} --label for {len(checkpoints)} --checkpoint; give one label per checkpoint.")
-  mesh = sharding.make_mesh()
   try:
+    sharding.use_cpu_devices(config.get("cpu_devices", 1))  # data parallel over the CPU's cores, as in training
+    mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   except ValueError as e:
     raise UserError(str(e)) from e
