@@ -112,13 +112,14 @@ def jax_step(batch: int, kure_weight: float, dtype: str = "float32", lax_conv: b
   return run
 
 
-def jax_eval(batch: int):
-  """n jitted eval forward passes (float32, running statistics)."""
-  from kure_jax import models
+def jax_eval(batch: int, devices: int = 1):
+  """n jitted eval forward passes (float32, running statistics), the batch split over `devices` devices."""
+  from kure_jax import models, sharding
 
   model = models.get_model("resnet20", 10)
-  variables = models.init_variables(model, jax.random.PRNGKey(0), IMAGE)
-  x = synthetic_batch(batch)["image"]
+  mesh = sharding.make_mesh(jax.devices()[:devices])
+  variables = sharding.replicate(models.init_variables(model, jax.random.PRNGKey(0), IMAGE), mesh)
+  x = sharding.shard_batch({"image": synthetic_batch(batch)["image"]}, mesh)["image"]
   fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
 
   def run(n):
@@ -315,6 +316,8 @@ def main():
         torch_ok = False
   if args.eval_batch:
     runners[(args.eval_batch, "eval: jax jit f32")] = jax_eval(args.eval_batch)
+    if args.host_devices > 1:
+      runners[(args.eval_batch, "eval: jax jit f32, host devices")] = jax_eval(args.eval_batch, args.host_devices)
     if torch_ok:
       runners[(args.eval_batch, "eval: torch no_grad f32")] = torch_runners(args.eval_batch)[1]
   peaks = {}
@@ -379,6 +382,12 @@ def main():
                f"jax / torch {med[(e, 'eval: torch no_grad f32')] / med[(e, 'eval: jax jit f32')]:.2f}× "
                f"(per CPU-second: {cpu_med[(e, 'eval: torch no_grad f32')] / cpu_med[(e, 'eval: jax jit f32')]:.2f}×)")
     print(line)
+    if (e, "eval: jax jit f32, host devices") in med:
+      line = (f"eval forward, batch {e}, {args.host_devices} host devices: jax "
+              f"{e / med[(e, 'eval: jax jit f32, host devices')]:,.0f} images/s")
+      if (e, "eval: torch no_grad f32") in med:
+        line += f", jax / torch {med[(e, 'eval: torch no_grad f32')] / med[(e, 'eval: jax jit f32, host devices')]:.2f}×"
+      print(line)
   if args.profile:
     b = 128 if 128 in batches else batches[0]
     print_profile(f"jax f32 + KURE train step, batch {b}", op_class_profile(runners[(b, "jax f32 + KURE")]),
