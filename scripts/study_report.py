@@ -979,6 +979,11 @@ def plots(st: Study, dest: str) -> list[str]:
   if fmts:
     report.plot_formats(_with_kurtosis(fmts, st), os.path.join(dest, "formats.png"), f"{title}: number formats")
     out.append("formats.png")
+    all_rows, order, floats = _format_choice(st)
+    if floats:
+      report.plot_format_choice(all_rows, os.path.join(dest, "format_choice.png"), floats, order,
+                                f"{title}: top-1 change from each model's own float, per format")
+      out.append("format_choice.png")
   return out
 
 
@@ -988,17 +993,28 @@ def plots(st: Study, dest: str) -> list[str]:
 FORMAT_MODELS = ("base", "baseline_s0", "kure_t6", "kure_t4", "kure_t3", "kure_t2.4", "kure_s0")  # kurtosis falls
 
 
-def formats_md(st: Study) -> str:
+def _format_choice(st: Study) -> tuple[list[dict[str, Any]], list[str], dict[str, float]]:
+  """The formats evaluation's rows, its models from the highest kurtosis to the lowest, and their float top-1
+  ({} unless every scored model has its own)."""
   all_rows = st.evals.get("formats", ([], {}))[0]
+  scored = {r["checkpoint"] for r in all_rows}
+  order = [m for m in FORMAT_MODELS if m in scored] + sorted(scored - set(FORMAT_MODELS))
+  floats = {m: st.models[m]["top1"] for m in order if m in st.models}
+  return all_rows, order, floats if len(floats) == len(order) else {}
+
+
+def formats_md(st: Study) -> str:
+  all_rows, order, floats = _format_choice(st)
   rows = [r for r in all_rows if r.get("format")]
   if not rows:
     return "# Number formats\n\n" + _not_run(["formats"]) + ".\n"
-  scored = {r["checkpoint"] for r in all_rows}
-  order = [m for m in FORMAT_MODELS if m in scored] + sorted(scored - set(FORMAT_MODELS))
+  drops = ("\n\nWhat each format costs each model, as the change from its own float top-1 (a KURE model starts "
+           "lower in float):\n\n" + report.format_choice_table(all_rows, order, floats=floats)
+           + "\n\n![format choice](format_choice.png)") if floats else ""
   return ("# Number formats (issue 17)\n\nWhich kurtosis target serves which format: top-1 % of each format at its "
           "max scaling (per output channel; the integer grid's rows at its MSE step), the best in bold, and each "
           "model's mean and worst regret (the best model's top-1 minus its own) over the formats. Columns from "
-          "the highest kurtosis to the lowest.\n\n" + report.format_choice_table(all_rows, order)
+          "the highest kurtosis to the lowest.\n\n" + report.format_choice_table(all_rows, order) + drops
           + "\n\nEach format at its max scaling / its worst over the scale ratios scored:\n\n"
           + report.formats_table(rows) + "\n\n![formats](formats.png)\n")
 

@@ -190,3 +190,17 @@ def test_format_choice_table_bolds_the_best_and_sums_the_regret():
   # regrets: k18 (4, 0, 0, 0) -> mean 1.0, worst 4.0; k3 (0, 4, 1.5) -> mean 1.833, worst 4.0
   assert lines[6] == "| weights | *mean regret* | 1.0 | 1.8 |"
   assert lines[7] == "| weights | *worst regret* | 4.0 | 4.0 |"
+
+  # against each model's own float top-1: on fp4 k18 (float 91) loses 11.0, k3 (float 85) loses 1.0
+  drops = report.format_choice_table(rows, ["k18", "k3"], floats={"k18": 91.0, "k3": 85.0}).splitlines()
+  assert drops[2] == "| weights | fp4_e2m1 | -11.0 | **-1.0** |"
+  assert drops[4] == "| weights | int4 grid | -1.0 | **+3.5** |"
+  assert report.format_choice_table([row("k", "int8", 0, 90.96)], ["k"], floats={"k": 91.0}).splitlines()[2] == \
+      "| weights | int8 | **0.0** |"  # a change that rounds to zero has no sign
+
+
+def test_plot_format_choice_writes_its_png(tmp_path, figures):
+  rows = [dict(checkpoint=ck, format=f, bits=0, ratio=1.0, policy="exact", method="max", target=t, top1=v)
+          for ck, v in (("a", 80.0), ("b", 60.0)) for f in ("fp4_e2m1", "mxfp4") for t in ("weights", "both")]
+  path = report.plot_format_choice(rows, str(tmp_path / "choice.png"), floats={"a": 90.0, "b": 90.0})
+  assert path == str(tmp_path / "choice.png") and os.path.getsize(path) > 10_000

@@ -391,13 +391,15 @@ def plot_formats(rows: Sequence[dict[str, Any]], path: str, title: str = "", met
 
 
 def format_choice_table(rows: Sequence[dict[str, Any]], checkpoints: Sequence[str] | None = None,
-                        metric=None) -> str:
+                        metric=None, floats: dict[str, float] | None = None) -> str:
   """Which model serves which number format: per target and format (at its base step: max scaling, or the
   integer grid's Δ̃, written 'int{b} grid'), each checkpoint's metric with the best in bold, then per target
   each checkpoint's mean and worst regret (best − its own) over the formats.
 
   The model with the smallest regret over every format is the candidate for "one model for every format";
-  `checkpoints` orders the columns (e.g. by kurtosis target).
+  `checkpoints` orders the columns (e.g. by kurtosis target). With `floats` ({checkpoint: its float metric})
+  the cells are each model's change from its own float value instead, so a model that starts lower in float
+  is judged by what quantization costs it.
   """
   metric = metric_of(rows, metric)
   key, spec = metric.key, metric.fmt
@@ -412,6 +414,8 @@ def format_choice_table(rows: Sequence[dict[str, Any]], checkpoints: Sequence[st
     for fmt, bits in names:
       match = dict(target=target, format=fmt) if fmt else dict(target=target, format="", bits=bits)
       vals = {ck: (at_base(of_target, checkpoint=ck, **match) or {}).get(key) for ck in cks}
+      if floats is not None:
+        vals = {ck: None if v is None else v - floats[ck] for ck, v in vals.items()}
       got = [v for v in vals.values() if v is not None]
       if not got:
         continue
@@ -419,9 +423,58 @@ def format_choice_table(rows: Sequence[dict[str, Any]], checkpoints: Sequence[st
       for ck, v in vals.items():
         if v is not None:
           regrets[ck].append(best - v)
-      cells = ["–" if v is None else (f"**{v:{spec}}**" if v == best else f"{v:{spec}}") for v in vals.values()]
+      cells = ["–" if v is None else (f"**{_signed(v, spec, floats)}**" if v == best else _signed(v, spec, floats))
+               for v in vals.values()]
       lines.append(f"| {_TARGET_NAMES.get(target, target)} | {fmt or f'int{bits} grid'} | " + " | ".join(cells) + " |")
     for label, fn in (("mean regret", statistics.fmean), ("worst regret", max)):
       cells = [f"{fn(regrets[ck]):{spec}}" if regrets[ck] else "–" for ck in cks]
       lines.append(f"| {_TARGET_NAMES.get(target, target)} | *{label}* | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def plot_format_choice(rows: Sequence[dict[str, Any]], path: str, floats: dict[str, float],
+                       checkpoints: Sequence[str] | None = None, title: str = "", floor: float = -15.0,
+                       metric=None) -> str:
+  """The PNG `path`: what each number format costs each model, as its change from the model's own float metric
+  (the cells of `format_choice_table(..., floats=...)`), bars grouped by format, a panel per target; changes
+  below `floor` are cut there and written on the bar. Returns `path`."""
+  from matplotlib.figure import Figure
+
+  metric = metric_of(rows, metric)
+  cks = list(checkpoints) if checkpoints is not None else _unique(rows, "checkpoint")
+  exact = [r for r in rows if r.get("policy", "exact") == "exact"]
+  targets = _unique(exact, "target")
+  names = [(f, None) for f in _unique(exact, "format") if f] + \
+          [("", b) for b in sorted({r["bits"] for r in exact if not r.get("format")}, reverse=True)]
+  fig = Figure(figsize=(max(7.0, 0.75 * len(names) + 2), 3.6 * len(targets)))
+  grid = fig.subplots(len(targets), 1, squeeze=False)
+  width = 0.8 / len(cks)
+  for ax, target in zip(grid[:, 0], targets):
+    for ci, ck in enumerate(cks):
+      xs, ys = [], []
+      for i, (fmt, bits) in enumerate(names):
+        match = dict(format=fmt) if fmt else dict(format="", bits=bits)
+        r = at_base(exact, checkpoint=ck, target=target, **match)
+        if r is not None:
+          xs.append(i + (ci - (len(cks) - 1) / 2) * width)
+          ys.append(r[metric.key] - floats[ck])
+      ax.bar(xs, [max(y, floor) for y in ys], width, color=f"C{ci % 10}", label=ck)
+      for x, y in zip(xs, ys):
+        if y < floor:
+          ax.text(x, floor, f"{y:.0f}", rotation=90, ha="center", va="bottom", fontsize=7, color="white")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f or f"int{b} grid" for f, b in names], rotation=30, ha="right", fontsize=8)
+    ax.set(ylim=(floor, 1.0), ylabel=f"{metric.label} − own float",
+           title=f"what each format costs ({_TARGET_NAMES.get(target, target)})")
+    ax.grid(alpha=0.3, axis="y")
+  _legend(grid[:1], beside=True)
+  return _save(fig, path, title)
+
+
+def _signed(v: float, spec: str, signed) -> str:
+  """v in `spec`, with its sign when `signed` (a change), and no '-0.0'/'+0.0' for a change that rounds to 0."""
+  if signed is None:
+    return f"{v:{spec}}"
+  text = f"{v:+{spec}}"
+  return text[1:] if float(text) == 0 else text
