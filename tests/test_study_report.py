@@ -259,7 +259,9 @@ def test_models_table_and_json(study, tmp_path):
 def test_without_the_paper_dir(study, tmp_path):
   out, dest = study
   text, _ = run(out, dest, str(tmp_path / "no_paper"))
-  assert f"not available (no paper dir at `{tmp_path / 'no_paper'}`): ours only" in text
+  # shown relative where it lies beside the working directory, absolute where it is further away (as here or not,
+  # depending on where the clone and the temporary folders are)
+  assert f"not available (no paper dir at `{sr._shown(str(tmp_path / 'no_paper'))}`): ours only" in text
   assert text.count("not available (no authors' data at") == 7  # every claim says so
   assert "| ResNet-50" not in text
   assert os.path.exists(os.path.join(dest, "step_ratio_ours.png"))
