@@ -134,6 +134,8 @@ def _restore_checked(mngr: ocp.CheckpointManager, step: int, abstract: Any = Non
   if check is not None:
     check(meta)  # a checkpoint of another model is not damage: its UserError passes through
   try:
+    if abstract is None:  # as saved, but onto this process's first device: the saving run's devices may be others
+      abstract = _on_first_device(os.path.join(str(mngr.directory), str(step), "state"))
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
   except Exception as e:  # noqa: BLE001
     raise _Damaged(_reason(e)) from e
@@ -141,6 +143,19 @@ def _restore_checked(mngr: ocp.CheckpointManager, step: int, abstract: Any = Non
   if problem:
     raise _Damaged(problem)
   return state, meta
+
+
+def _on_first_device(state_dir: str) -> Any:
+  """The saved state's structure, shapes and dtypes, placed on this process's first device.
+
+  A checkpoint keeps the shardings of the run that wrote it (e.g. two CPU devices with config.cpu_devices=2);
+  restoring it as saved fails where those devices do not exist (eval.py, init_from, an export on one device).
+  """
+  meta = ocp.StandardCheckpointer().metadata(state_dir)
+  tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+                      if hasattr(m, "shape") and hasattr(m, "dtype") else m, tree)
 
 
 def _newest_intact(mngr: ocp.CheckpointManager, below: int, abstract: Any = None) -> int | None:

@@ -285,3 +285,21 @@ def test_cpu_devices_after_jax_started_and_bad_values_are_one_line_errors(folder
   for bad in (0, -2):
     with pytest.raises(UserError, match=r"^config.cpu_devices must be a whole number ≥ 1"):
       train_and_evaluate(tiny_config(folder, max_steps=1, cpu_devices=bad), str(tmp_path / "w"))
+
+
+def test_a_checkpoint_written_on_two_cpu_devices_loads_on_one(folder, tmp_path):
+  # a checkpoint keeps its run's shardings; eval.py, init_from and export_weights read it on whatever devices
+  # they have (here one), with the same values
+  workdir = tmp_path / "w"
+  args = cli_args(folder, workdir, max_steps=2) + ["--config.cpu_devices=2"]
+  r = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  load = ("import sys, jax, numpy as np\nfrom kure_jax.checkpoint import load_variables\n"
+          "v, _ = load_variables(sys.argv[1])\nassert len(jax.devices()) == 1\n"
+          "print(sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(v)))\n")
+  one = subprocess.run([sys.executable, "-c", load, str(workdir)], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  total = float(one.stdout.strip().splitlines()[-1])
+  variables, _ = load_variables(str(workdir))  # this process's devices
+  assert np.isclose(total, sum(float(np.abs(np.asarray(x)).sum()) for x in jax.tree.leaves(variables)), rtol=1e-7)
