@@ -126,7 +126,8 @@ class _Damaged(Exception):
 
 def _restore_checked(mngr: ocp.CheckpointManager, step: int, abstract: Any = None,
                      check: Callable[[dict], None] | None = None) -> tuple[Any, dict[str, Any]]:
-  """Read and verify one step (into `abstract`'s structure and shardings, or as saved)."""
+  """Read and verify one step (into `abstract`'s structure and shardings, or as saved onto this process's first
+  device)."""
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
@@ -404,8 +405,8 @@ def quiet_orbax_logs() -> None:
   reported as one line. Orbax also logs it at ERROR from its background threads, and a failed
   restore or save leaves the sibling reads/writes it gathered un-awaited in an event loop it has
   closed; asyncio reports those ("Task exception was never retrieved", "Event loop is closed",
-  "Exception ignored in <coroutine>", "coroutine ... was never awaited") whenever they are garbage-collected, often at exit. A future
-  that tensorstore completed with the error carries no orbax frame, so any un-retrieved future or
+  "Exception ignored in <coroutine>", "coroutine ... was never awaited") whenever they are
+  garbage-collected, often at exit. A future that tensorstore completed with the error carries no orbax frame, so any un-retrieved future or
   task is dropped: the command-line tools run no event loop of their own, only orbax does.
   """
   global _quiet

@@ -25,8 +25,8 @@ def use_cpu_devices(n: int) -> None:
   XLA:CPU runs one device's ops on about 1.5 of 2 cores; two devices keep both busy (ResNet-20 train steps 1.3×
   faster on a 2-core CPU, benchmarks/RESULTS.md), with the global batch's numerics up to float summation order.
   1 leaves JAX's CPU devices as they start (one, unless XLA_FLAGS says otherwise). It has to be set before JAX's
-  first computation (train.py's does it first); later, a different count is refused in one line. Where an
-  accelerator is present it trains on that, and this changes nothing.
+  first computation (train_and_evaluate and run_eval do it first); later, a different count is refused in one
+  line. Where an accelerator is present it trains on that, and this changes nothing.
   """
   if n == 1:
     return
