@@ -7,10 +7,11 @@
 
 For an NCF (task 'ranking') run the manifest holds HR@10 and NDCG@10 (fractions) in place of top-1.
 
-Writes <out>/<name>/{variables.msgpack, meta.json} and updates <out>/MANIFEST.json with the model's config
+Writes <out>/<name>/{variables.msgpack, meta.json, metrics.jsonl (the run's evaluations: its kurtosis trajectory,
+kept for the study report once the run's folder is gone)} and updates <out>/MANIFEST.json with the model's config
 overrides (against the config file it was trained from), seed, top-1 on the real test set (re-evaluated here, in
-float32 on the CPU, so the manifest is what `tests/test_weights.py` re-computes), mean kurtosis of the
-regularized layers, file checksum, the command that made it and its wall time (summed from the logged throughput).
+float32 on the CPU, so the manifest is what `tests/test_weights.py` re-computes), mean kurtosis of the regularized
+layers, file checksum, the command that made it and its wall time (summed from the logged throughput).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kure_jax import models as models_lib  # noqa: E402
 from kure_jax import sharding, tasks, weights  # noqa: E402
 from kure_jax.checkpoint import load_variables  # noqa: E402
 from kure_jax.core.kurtosis import kurtosis_by_layer  # noqa: E402
+from kure_jax.metrics import read_metrics  # noqa: E402
 from kure_jax.training.train import evaluate, kure_selection, make_eval_step  # noqa: E402
 
 CONFIG_FILE = "configs/cifar10_resnet20.py"
@@ -122,6 +124,8 @@ def main() -> int:
   digest = weights.save(os.path.join(args.out, args.name), variables,
                         {k: meta[k] for k in ("model", "num_classes", "image_size", "param_shapes", "quant")
                          if k in meta})
+  with open(os.path.join(args.out, args.name, "metrics.jsonl"), "w") as f:  # the run's evaluations (kurtosis trajectory)
+    f.writelines(json.dumps(r) + "\n" for r in read_metrics(args.workdir, "eval"))
   manifest = weights.read_manifest(args.out)
   if ranking:
     scored = {"task": task.name, "hr@10_float": round(scores["hr@10"], 4), "ndcg@10_float": round(scores["ndcg@10"], 4),

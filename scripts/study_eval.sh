@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The evaluations of the CIFAR-10 study (docs/RESULTS.md) under both presets, over the models that
 # scripts/study_train.sh trained into OUT. Resumable: an evaluation whose robustness.json exists is skipped;
-# wall times land in $OUT/wall_times.tsv. Models that are not trained yet are left out of each evaluation.
+# wall times land in $OUT/wall_times.tsv. Each model is read from OUT when its training is done there, else from its
+# shipped weights (weights/study_NAME; SHIPPED sets the prefix); models that are neither are left out.
 #
 #   bash scripts/study_eval.sh [DATA_DIR] [OUT]          e.g. bash scripts/study_eval.sh ../shared/data/cifar10 runs/study
 #
@@ -13,6 +14,7 @@ set -euo pipefail
 data=${1:-../shared/data/cifar10}
 out=${2:-runs/study}
 read -r -a presets <<< "${PRESETS:-ours authors}"
+shipped=${SHIPPED-weights/study_}
 common=(--config configs/cifar10_resnet20.py --config.dataset.name=folder --config.dataset.data_dir="$data"
         --config.progress=False --config.eval.lapq_cache="$out/lapq_cache"  # one LAPQ search per model and setting
         --config.cpu_devices="${CPU_DEVICES:-2}")  # both cores of a 2-core CPU busy (nothing changes on an accelerator)
@@ -22,7 +24,9 @@ wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }
 evaluate() {  # evaluate NAME "MODEL..." OVERRIDES...: one eval.py call over the trained models among MODEL...
   local name=$1 ckpts=() m; shift
   for m in $1; do
-    [[ -f "$out/$m/done" || -n ${DRY:-} ]] && ckpts+=(--checkpoint "$out/$m" --label "$m")
+    if [[ -f "$out/$m/done" || -n ${DRY:-} ]]; then ckpts+=(--checkpoint "$out/$m" --label "$m")
+    elif [[ -n $shipped && -f "${shipped}$m/variables.msgpack" ]]; then ckpts+=(--checkpoint "${shipped}$m" --label "$m")
+    fi
   done; shift
   wanted "$name" && (( ${#ckpts[@]} )) || return 0
   [[ -f "$out/eval_$name/robustness.json" ]] && return 0

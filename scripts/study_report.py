@@ -11,7 +11,9 @@ scripts/study_eval.sh write. DEST (default docs/results/cifar10_study) receives:
 - formats.md, the plots (PNG) and the evaluations' rows (rows/NAME.csv).
 DEST is replaced as a whole: written beside it, then swapped in. The authors' numbers are read at report time from
 --paper (default ../shared/data/paper beside the repository); without them the report shows ours only and says so.
-Any part of the study will do: what has not run yet says so in one line. Prints claims.md.
+Any part of the study will do: what has not run yet says so in one line. A model whose training is not in OUT is
+read from its shipped weights (--shipped, default weights/study_NAME: the manifest's top-1 and kurtosis, and the
+run's evaluations where the export kept them). Prints claims.md.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, ROOT)
 
 from kure_jax.errors import UserError  # noqa: E402
 from kure_jax.evaluation import report  # noqa: E402
+from kure_jax import weights  # noqa: E402
 from kure_jax.metrics import read_metrics  # noqa: E402
 
 FINETUNES = ("baseline_s0", "baseline_s1", "baseline_s2", "kure_s0", "kure_s1", "kure_s2", "kure_t2.4", "kure_t3",
@@ -60,11 +63,12 @@ POLICIES = {"pow2_nearest": "2^N nearest", "pow2_floor": "2^N down", "pow2_ceil"
 class Study:
   """What OUT holds: the models' last evaluations, the evaluations' rows, the wall times, the paper's numbers."""
 
-  def __init__(self, out: str, paper_dir: str | None):
+  def __init__(self, out: str, paper_dir: str | None, shipped: str | None = None):
     if not os.path.isdir(out):
       raise UserError(f"{out} is not a folder; give the OUT of scripts/study_train.sh (e.g. runs/study).")
     self.out = out
-    self.models = {m: info for m in MODELS if (info := _model(os.path.join(out, m)))}
+    self.models = {m: info for m in MODELS
+                   if (info := _model(os.path.join(out, m)) or (_shipped(shipped, m) if shipped else None))}
     self.evals = {e: ev for e in EVALS if (ev := _evaluation(out, e))}
     if not self.models and not self.evals:
       raise UserError(f"{out} holds no study: no evaluated model ({', '.join(MODELS[:3])}, …) and no "
@@ -105,6 +109,22 @@ def _model(workdir: str) -> dict[str, Any] | None:
           "epoch": last.get("epoch", len(evals)), "epochs": epochs,
           "done": os.path.exists(os.path.join(workdir, "done")),
           "trajectory": [[e.get("epoch", i + 1), e.get("kurtosis_mean"), e["top1"]] for i, e in enumerate(evals)]}
+
+
+def _shipped(prefix: str, name: str) -> dict[str, Any] | None:
+  """Model `name` as shipped in `prefix`NAME (scripts/export_weights.py): the run's evaluations where the export kept
+  them (its metrics.jsonl), else the manifest's float top-1 and mean kurtosis as the one point; None if not shipped."""
+  folder = f"{prefix}{name}"
+  if not os.path.isfile(os.path.join(folder, "variables.msgpack")):
+    return None
+  entry = weights.read_manifest(os.path.dirname(folder) or ".")["models"].get(os.path.basename(folder)) or {}
+  info = _model(folder)
+  if info is None:
+    if entry.get("top1_float") is None:
+      return None
+    info = {"top1": entry["top1_float"], "kurtosis_mean": entry.get("kurtosis_mean"), "kurtosis": {},
+            "epoch": None, "epochs": None, "trajectory": []}
+  return {**info, "done": True, "shipped": folder, "wall_s": entry.get("wall_time_s")}
 
 
 def _evaluation(out: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
@@ -754,13 +774,16 @@ def models_md(st: Study, data: dict[str, Any]) -> str:
     if info is None:
       body.append([m, "not run yet", "–", "–", "–"])
       continue
-    state = "done" if info["done"] else f"running (epoch {info['epoch']:g} of {info['epochs'] or '?'})"
-    k = info["kurtosis_mean"]
+    state = ("shipped" if info.get("shipped") else "done") if info["done"] else \
+        f"running (epoch {info['epoch']:g} of {info['epochs'] or '?'})"
+    k, wall = info["kurtosis_mean"], st.wall.get(m, info.get("wall_s"))
     body.append([m, state, f"{info['top1']:.2f}", "–" if k is None else f"{k:.3f}",
-                 f"{st.wall[m] / 60:.1f}" if m in st.wall else "–"])
+                 "–" if wall is None else f"{wall / 60:.1f}"])
   out = ["# Models of the CIFAR-10 study", "",
          "Each model's last evaluation (float top-1 % on the CIFAR-10 test set; QAT models at their trained W4A4) "
-         "and the mean kurtosis of its regularized kernels; wall time of its training.", "",
+         "and the mean kurtosis of its regularized kernels; wall time of its training. 'shipped': read from its "
+         "weights under weights/ (the manifest's numbers, re-evaluated at export), its run not being in this folder.",
+         "",
          table(["model", "state", "top-1", "mean kurtosis", "wall (min)"], body), ""]
   if data["arms"]:
     rows = [[NAMES[a], str(len(v["seeds"])), ms(st.floats(a)), ms(st.floats(a, "kurtosis_mean"), ".3f")]
@@ -1019,9 +1042,10 @@ def formats_md(st: Study) -> str:
           + report.formats_table(rows) + "\n\n![formats](formats.png)\n")
 
 
-def write_report(out: str, dest: str, paper_dir: str | None) -> str:
-  """Write the study's report into `dest` (replacing it whole); return claims.md."""
-  st = Study(out, paper_dir)
+def write_report(out: str, dest: str, paper_dir: str | None, shipped: str | None = None) -> str:
+  """Write the study's report into `dest` (replacing it whole); return claims.md. Models not in `out` are read from
+  `shipped`NAME where given."""
+  st = Study(out, paper_dir, shipped)
   if os.path.exists(dest) and (not os.path.isdir(dest) or (os.listdir(dest) and
                                                            not os.path.exists(os.path.join(dest, "claims.md")))):
     raise UserError(f"{dest} exists and is not a report of this script (no claims.md); it would be replaced whole, "
@@ -1064,9 +1088,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("dest", metavar="DEST", nargs="?", default=os.path.join(ROOT, "docs", "results", "cifar10_study"))
   p.add_argument("--paper", metavar="DIR", default=os.path.join(ROOT, "..", "shared", "data", "paper"),
                  help="the authors' CSVs (default: ../shared/data/paper beside the repository)")
+  p.add_argument("--shipped", metavar="PREFIX", default=os.path.join(ROOT, "weights", "study_"),
+                 help="models not in OUT are read from PREFIX<name> (default: weights/study_; '' for none)")
   args = p.parse_args(argv)
   try:
-    text = write_report(args.out, args.dest, os.path.normpath(args.paper))
+    text = write_report(args.out, args.dest, os.path.normpath(args.paper), args.shipped or None)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

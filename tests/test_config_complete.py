@@ -2,6 +2,7 @@
 every override that an error message, a config's docstring or the README suggests parses and validates."""
 
 import ast
+import os
 import re
 import shlex
 
@@ -341,3 +342,39 @@ def test_the_study_evaluations_parse_and_validate(monkeypatch):
     grid_from_config(config)
     presets.add(config.eval.preset)
   assert presets == {"ours", "authors"}
+
+
+def test_the_study_scripts_continue_from_shipped_weights(tmp_path):
+  """A clone without the study's runs: study_train.sh skips the shipped models and fine-tunes from the shipped base;
+  study_eval.sh reads a model from OUT where its training is done there, else from its shipped weights."""
+  import subprocess
+
+  stub = tmp_path / "bin"
+  stub.mkdir()
+  calls = tmp_path / "calls"
+  # python stub: records its arguments; as train.py, leaves a finished run's log line
+  (stub / "python").write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho "{{\'interrupted\': False}}"\n')
+  (stub / "python").chmod(0o755)
+  shipped = tmp_path / "weights"
+  for name in ("study_base", "study_baseline_s0", "study_kure_t3"):
+    (shipped / name).mkdir(parents=True)
+    (shipped / name / "variables.msgpack").write_bytes(b"x")
+  (shipped / "study_kure_s0").mkdir()  # no variables: not shipped
+  out = tmp_path / "out"
+  env = {"PATH": f"{stub}:/usr/bin:/bin", "SHIPPED": f"{shipped}/study_"}
+  subprocess.run(["bash", "scripts/study_train.sh", "data", str(out)], env=env, check=True, cwd=REPO,
+                 capture_output=True)
+  runs = [line.split("--workdir ")[1].split()[0].rsplit("/", 1)[1] for line in calls.read_text().splitlines()]
+  assert runs[:3] == ["kure_s0", "kure_t2.4", "kure_t4"] and len(runs) == 13  # 16 but base, baseline_s0, kure_t3
+  assert all(f"--config.init_from={shipped}/study_base " in line for line in calls.read_text().splitlines())
+
+  calls.unlink()
+  os.makedirs(out / "kure_t3", exist_ok=True)
+  open(out / "kure_t3" / "done", "w").close()  # trained here too: OUT wins
+  subprocess.run(["bash", "scripts/study_eval.sh", "data", str(out)], env={**env, "ONLY": "formats"}, check=True,
+                 cwd=REPO, capture_output=True)
+  argv = shlex.split(calls.read_text())
+  pairs = [(argv[i + 1], argv[i + 3]) for i, a in enumerate(argv) if a == "--checkpoint"]
+  # the stub trained nothing to the end (no done markers): the shipped models and OUT's finished kure_t3 only
+  assert pairs == [(f"{shipped}/study_base", "base"), (f"{shipped}/study_baseline_s0", "baseline_s0"),
+                   (str(out / "kure_t3"), "kure_t3")]

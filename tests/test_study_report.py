@@ -256,6 +256,38 @@ def test_models_table_and_json(study, tmp_path):
   assert "| ptq_w_ours | 2.0 |" in md and "Total wall time: 1.20 h." in md
 
 
+def test_models_not_in_out_are_read_from_their_shipped_weights(tmp_path):
+  """A clone without the runs: base and baseline_s0 come from weights/study_* (one with the evaluations the export
+  keeps, one with the manifest's numbers only); a run in OUT wins over its shipped copy; an unshipped name stays out."""
+  out, shipped = str(tmp_path / "out"), tmp_path / "weights"
+  _workdir(out, "kure_s0", [88.0, 88.5], [2.0, 1.85])
+  _workdir(str(shipped), "study_baseline_s0", [88.3, 88.4], [4.4, 4.33], done=False)  # as export_weights leaves it
+  for name in ("study_base", "study_baseline_s0", "study_kure_s0"):
+    os.makedirs(shipped / name, exist_ok=True)
+    (shipped / name / "variables.msgpack").write_bytes(b"x")
+  os.makedirs(shipped / "study_kure_s1")  # no variables: not shipped
+  manifest = {"models": {"study_base": {"top1_float": 88.51, "kurtosis_mean": 4.34, "wall_time_s": 7200},
+                         "study_baseline_s0": {"top1_float": 88.4, "kurtosis_mean": 4.33, "wall_time_s": 4029},
+                         "study_kure_s0": {"top1_float": 80.0, "kurtosis_mean": 9.0},
+                         "study_kure_s1": {"top1_float": 80.0, "kurtosis_mean": 9.0}}}
+  (shipped / "MANIFEST.json").write_text(json.dumps(manifest))
+  dest = str(tmp_path / "dest")
+  sr.write_report(out, dest, None, str(shipped / "study_"))
+  with open(os.path.join(dest, "models.md")) as f:
+    md = f.read()
+  assert "| base | shipped | 88.51 | 4.340 | 120.0 |" in md
+  assert "| baseline_s0 | shipped | 88.40 | 4.330 | 67.2 |" in md  # its last evaluation, its manifest's wall time
+  assert "| kure_s0 | done | 88.50 | 1.850 | – |" in md and "| kure_s1 | not run yet |" in md
+  with open(os.path.join(dest, "models.json")) as f:
+    data = json.load(f)
+  assert data["arms"]["baseline"]["seeds"] == ["baseline_s0"]
+  assert data["models"]["baseline_s0"]["trajectory"] == [[1.0, 4.4, 88.3], [2.0, 4.33, 88.4]]
+  assert data["models"]["base"]["trajectory"] == []
+  sr.write_report(out, dest, None)  # without shipped weights: OUT's models only
+  with open(os.path.join(dest, "models.md")) as f:
+    assert "| base | not run yet |" in f.read()
+
+
 def test_without_the_paper_dir(study, tmp_path):
   out, dest = study
   text, _ = run(out, dest, str(tmp_path / "no_paper"))
@@ -288,7 +320,7 @@ def test_replaces_its_report_whole_and_refuses_other_folders(study, tmp_path, ca
     f.write("old")
   with open(os.path.join(dest, "stale.png"), "w") as f:
     f.write("old")
-  assert sr.main([out, dest, "--paper", str(tmp_path / "no_paper")]) == 0
+  assert sr.main([out, dest, "--paper", str(tmp_path / "no_paper"), "--shipped", ""]) == 0
   assert "# The CIFAR-10 study against the paper's claims" in capsys.readouterr().out  # claims.md, printed
   assert not os.path.exists(os.path.join(dest, "stale.png"))
   assert sorted(os.listdir(tmp_path)) == ["dest", "out"]  # no temporary folder left
