@@ -5,7 +5,9 @@
   python scripts/export_weights.py --workdir runs/ncf/act_s0 --name ncf_act_s0 \
       --config_file configs/movielens_neumf.py --data_dir ../shared/data/movielens
 
-For an NCF (task 'ranking') run the manifest holds HR@10 and NDCG@10 (fractions) in place of top-1.
+For an NCF (task 'ranking') run the manifest holds HR@10 and NDCG@10 (fractions) in place of top-1; for a QAT run
+(DoReFa, LSQ) its top-1 quantized at the setting it trained for (`top1_quantized`, `quantized_at`, e.g. W4A4, with
+its own steps; LSQ's learned steps are kept in the weights) in place of the float one.
 
 Writes <out>/<name>/{variables.msgpack, meta.json, metrics.jsonl (the run's evaluations: its kurtosis trajectory,
 kept for the study report once the run's folder is gone)} and updates <out>/MANIFEST.json with the model's config
@@ -30,7 +32,7 @@ from ml_collections import ConfigDict  # noqa: E402
 
 from kure_jax import data as data_lib  # noqa: E402
 from kure_jax import models as models_lib  # noqa: E402
-from kure_jax import sharding, tasks, weights  # noqa: E402
+from kure_jax import qat, sharding, tasks, weights  # noqa: E402
 from kure_jax.checkpoint import load_variables  # noqa: E402
 from kure_jax.core.kurtosis import kurtosis_by_layer  # noqa: E402
 from kure_jax.metrics import read_metrics  # noqa: E402
@@ -92,11 +94,8 @@ def main() -> int:
     return 2
   with open(os.path.join(args.workdir, "config.json")) as f:
     trained = json.load(f)
-  if trained.get("quant", {}).get("method", "none") != "none":
-    print(f"error: {args.workdir} is a QAT run; its float top-1 means nothing and the manifest has no field for "
-          "its quantized one yet: export float models only.", file=sys.stderr)
-    return 2
   config = ConfigDict(trained)
+  qat_run = qat.method(config) != "none"
   variables, meta = load_variables(args.workdir)
   task = tasks.get(trained.get("task", "classification"))
   ranking = task.name == "ranking"
@@ -111,6 +110,9 @@ def main() -> int:
   model = models_lib.get_model(config.model, config.dataset.num_classes, **kwargs)
   mesh = sharding.make_mesh()
   float_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  if qat_run:  # scored as it trained: quantized with its own (DoReFa's fixed or LSQ's learned) steps
+    spec = qat.make_spec(config, model, float_vars, np.asarray(ds.get_batch(0)["image"]))
+    float_vars["quant"] = qat.quant_for_training(spec, variables.get("qsteps", {}))
   scores = evaluate(jax.jit(make_eval_step(model, task=task)), float_vars, ds, mesh, task=task)
   kurt = jax.device_get(kurtosis_by_layer(variables["params"], **kure_selection(config)))
   metrics = os.path.join(args.workdir, "metrics.jsonl")
@@ -130,6 +132,10 @@ def main() -> int:
   if ranking:
     scored = {"task": task.name, "hr@10_float": round(scores["hr@10"], 4), "ndcg@10_float": round(scores["ndcg@10"], 4),
               "hr@10_at_training": last_eval(metrics).get("hr@10")}
+  elif qat_run:  # a QAT model's float top-1 means nothing: its top-1 at the setting it was trained for
+    scored = {"top1_float": None, "top1_quantized": round(scores["top1"], 2),
+              "quantized_at": f"W{config.quant.w_bits}A{config.quant.a_bits or 'FP'}",
+              "top1_at_training": last_eval(metrics).get("top1")}
   else:
     scored = {"top1_float": round(scores["top1"], 2), "top1_at_training": last_eval(metrics).get("top1")}
   manifest["models"][args.name] = {
@@ -140,7 +146,8 @@ def main() -> int:
       "quant": meta.get("quant"), "note": args.note,
   }
   weights.write_manifest(args.out, manifest)
-  headline = f"HR@10 {scores['hr@10']:.4f}" if ranking else f"top-1 {scores['top1']:.2f}%"
+  headline = f"HR@10 {scores['hr@10']:.4f}" if ranking else f"top-1 {scores['top1']:.2f}%" + (
+      f" at {scored['quantized_at']}" if qat_run else "")
   print(f"{args.name}: {headline}, kurtosis {manifest['models'][args.name]['kurtosis_mean']}, "
         f"sha256 {digest[:12]}… → {args.out}/{args.name}")
   return 0

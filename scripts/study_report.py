@@ -120,9 +120,11 @@ def _shipped(prefix: str, name: str) -> dict[str, Any] | None:
   entry = weights.read_manifest(os.path.dirname(folder) or ".")["models"].get(os.path.basename(folder)) or {}
   info = _model(folder)
   if info is None:
-    if entry.get("top1_float") is None:
+    top1 = entry.get("top1_float")
+    top1 = entry.get("top1_quantized") if top1 is None else top1  # a QAT model: at the setting it trained for
+    if top1 is None:
       return None
-    info = {"top1": entry["top1_float"], "kurtosis_mean": entry.get("kurtosis_mean"), "kurtosis": {},
+    info = {"top1": top1, "kurtosis_mean": entry.get("kurtosis_mean"), "kurtosis": {},
             "epoch": None, "epochs": None, "trajectory": []}
   return {**info, "done": True, "shipped": folder, "wall_s": entry.get("wall_time_s")}
 
