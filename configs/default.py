@@ -14,7 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = "classification"           # classification (images: cross-entropy, top-1/top-5 in %) | ranking (NCF
                                       # implicit feedback on dataset.name='movielens': binary cross-entropy,
                                       # HR@10 / NDCG@10 as fractions); see kure_jax/tasks.py
-  c.model_kwargs = ml_collections.ConfigDict()  # extra keyword arguments of the model class (e.g. weight_grid)
+  c.model_kwargs = ml_collections.ConfigDict()  # keyword arguments of the model class (a config file adds its
+                                      # model's own, e.g. configs/movielens_neumf.py's factors)
+  c.model_kwargs.weight_grid = config_dict.placeholder(str)  # the grid every quantized layer puts its weights on
+                                      # in QAT and train_sweep: signed | narrow | midrise | unsigned; unset: signed
+                                      # (DoReFa: midrise, its own). eval.py's grid is eval.weight_grid
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "cifar10"          # a TFDS name, or "folder" for split/class/image.jpg folders (or their tarballs),

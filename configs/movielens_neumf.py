@@ -29,6 +29,7 @@ def get_config():
   c.model = "neumf"
   c.model_kwargs.factors = 16         # GMF embedding size (the paper's "predictive factors")
   c.model_kwargs.mlp_layers = (128, 64, 32, 16)  # the first is the concatenated user+item MLP embedding
+  c.model_kwargs.quantize_embeddings = False  # True: the embedding tables are quantized (and regularized) too
   c.dataset.name = "movielens"
   c.dataset.num_classes = 1           # one logit per (user, item)
   c.dataset.num_negatives = 4

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 SOURCES = sorted((REPO / "kure_jax").rglob("*.py")) + [REPO / "train.py", REPO / "eval.py"]
 METHODS = {n for n in dir(ConfigDict) if not n.startswith("_")}  # config.get(...), config.to_json_best_effort(), ...
 GETTERS = {"_get", "getattr"}  # _get(config, "key") (the data pipeline), getattr(config, "key")
-SECTIONS = ("dataset", "optimizer", "schedule", "kure", "reg", "quant", "eval", "train_sweep")
+SECTIONS = ("dataset", "model_kwargs", "optimizer", "schedule", "kure", "reg", "quant", "eval", "train_sweep")
 
 
 # ----------------------------------------------------------------------------------
@@ -378,3 +378,35 @@ def test_the_study_scripts_continue_from_shipped_weights(tmp_path):
   # the stub trained nothing to the end (no done markers): the shipped models and OUT's finished kure_t3 only
   assert pairs == [(f"{shipped}/study_base", "base"), (f"{shipped}/study_baseline_s0", "baseline_s0"),
                    (str(out / "kure_t3"), "kure_t3")]
+
+
+def test_the_weight_grid_is_set_from_the_command_line():
+  """--config.model_kwargs.weight_grid reaches the model (QAT, train_sweep); unset, the model keeps its default;
+  a grid no model takes, or a keyword the model has not, is one line."""
+  from kure_jax import models
+  from kure_jax.errors import UserError
+  from kure_jax.training.train import validate_config
+
+  config = parse("configs/cifar10_resnet20.py", ["--config.model_kwargs.weight_grid=midrise"])
+  validate_config(config)
+  assert models.model_kwargs(config) == {"weight_grid": "midrise"}
+  assert models.get_model("resnet20", 10, **models.model_kwargs(config)).weight_grid == "midrise"
+  unset = parse("configs/cifar10_resnet20.py", [])
+  assert models.model_kwargs(unset) == {} and models.weight_grid(models.model_kwargs(unset)) == "signed"
+  ncf = parse("configs/movielens_neumf.py", ["--config.model_kwargs.quantize_embeddings=True"])
+  validate_config(ncf)
+  assert models.model_kwargs(ncf)["quantize_embeddings"] is True
+  with pytest.raises(UserError, match=r"^config.model_kwargs.weight_grid is 'sliding'; choose one of signed"):
+    validate_config(parse("configs/cifar10_resnet20.py", ["--config.model_kwargs.weight_grid=sliding"]))
+  wrong = parse("configs/cifar10_resnet20.py", [])
+  with wrong.unlocked():
+    wrong.model_kwargs.factors = 8  # NeuMF's, not ResNet-20's
+  with pytest.raises(UserError, match=r"^config.model_kwargs.factors is no argument of resnet20; it takes .*weight_grid"):
+    validate_config(wrong)
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "default.py"))
+def test_every_configs_model_kwargs_are_its_models_arguments(config_file):
+  from kure_jax.training.train import validate_config
+
+  validate_config(parse(f"configs/{config_file}", []))  # model_kwargs.x that the model lacks → UserError

@@ -69,7 +69,7 @@ def test_ranking_sweep_logs_hr_at_10(tmp_path):
   variables, _ = load_variables(workdir)
   train_ds = data.make_dataset(config.dataset, "train", batch_size=config.batch_size, train=True, seed=config.seed)
   eval_ds = data.make_dataset(config.dataset, "eval", batch_size=config.eval_batch_size, train=False, seed=0)
-  model = models.get_model("neumf", config.dataset.num_classes, **dict(config.model_kwargs),
+  model = models.get_model("neumf", config.dataset.num_classes, **models.model_kwargs(config),
                            **tasks.RANKING.model_kwargs(train_ds))
   rows = Sweep(model, variables, Grid(bits=(3, 8), targets=("activations",)), calibration=[train_ds.get_batch(0)],
                task=tasks.RANKING, skip_stem=False, skip_head=False).score(eval_ds.iterate())

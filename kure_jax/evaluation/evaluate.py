@@ -30,7 +30,8 @@ from kure_jax.evaluation.robustness import Grid, Sweep, quantized_paths
 
 # The quantizer conventions of each `config.eval.preset`: a field left unset in config.eval takes its preset's value.
 PRESETS: dict[str, dict[str, Any]] = {
-    "ours": {"weight_grid": "signed", "bias_correction": "none", "layers": "kure", "methods": ("mse",)},
+    "ours": {"weight_grid": models_lib.DEFAULT_WEIGHT_GRID, "bias_correction": "none", "layers": "kure",
+             "methods": ("mse",)},
     "authors": {"weight_grid": "midrise", "bias_correction": "mean", "layers": "inner_convs", "methods": ("lapq",)},
 }
 LAYER_RULES = ("kure", "inner_convs")

@@ -36,7 +36,7 @@ from kure_jax._checks import whole_bits
 from kure_jax.calibration import act_grid, record_activations
 from kure_jax.core import quant as Q
 from kure_jax.errors import UserError
-from kure_jax.models.layers import BIAS_CORRECTIONS, LayerQuant, quant_collection
+from kure_jax.models.layers import BIAS_CORRECTIONS, DEFAULT_WEIGHT_GRID, LayerQuant, quant_collection
 from kure_jax.qat import dorefa_normalization
 from kure_jax.tasks import classification_sums
 
@@ -113,7 +113,7 @@ class Lapq:
 
   def __init__(self, model, variables: dict, calibration: Mapping | Iterable[Mapping], paths: Sequence[str], *,
                quantize_weights: bool = True, quantize_acts: bool = False, granularity: str = "tensor",
-               weight_grid: str = "signed", act_grids: Mapping[str, str] | None = None, dorefa: bool = False,
+               weight_grid: str = DEFAULT_WEIGHT_GRID, act_grids: Mapping[str, str] | None = None, dorefa: bool = False,
                bias_correction: str = "none", chunk_size: int = 128, max_act_values: int = 1 << 16):
     if not (quantize_weights or quantize_acts):
       raise UserError("LAPQ: nothing to quantize; quantize the weights, the activations or both.")

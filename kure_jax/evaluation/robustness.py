@@ -52,7 +52,7 @@ from kure_jax.core import quant as Q
 from kure_jax.core.kurtosis import select_kernels
 from kure_jax.errors import UserError
 from kure_jax.evaluation import step_providers
-from kure_jax.models.layers import BIAS_CORRECTIONS, LayerQuant, quant_collection
+from kure_jax.models.layers import BIAS_CORRECTIONS, DEFAULT_WEIGHT_GRID, LayerQuant, quant_collection
 from kure_jax.tasks import CLASSIFICATION, Task
 
 POLICIES = ("exact", "pow2_nearest", "pow2_floor", "pow2_ceil")
@@ -72,7 +72,7 @@ class Grid:
   methods: tuple[str, ...] = ("mse",)
   targets: tuple[str, ...] = ("weights",)
   granularity: str = "tensor"       # weight steps per tensor or per output channel
-  weight_grid: str = "signed"       # must match the model's weight_grid
+  weight_grid: str = DEFAULT_WEIGHT_GRID  # must match the model's weight_grid
   bias_correction: str = "none"     # none | mean | mean_std: per output channel, restore the float mean (and std)
   dorefa_mode: str = "symmetric"    # DoReFa checkpoints: symmetric (Δ = ratio·Δ̃, weights and activations) |
                                     # sliding (the KURE authors': weights only, Δ = Δ̃/ratio on the 'sliding' grid)

@@ -122,13 +122,14 @@ def torch_module_path(name: str) -> str:
   return _INDEXED.sub(r"\1\2_\3", name).replace(".", "/")
 
 
+WEIGHT_GRIDS = ("signed", "narrow", "midrise", "unsigned")  # a model's weight grids (core.quant.GRIDS but eval's sliding)
 QAT_WEIGHT_GRIDS = {"dorefa": "midrise"}  # QAT methods whose weights sit on one grid (DoReFa's 2^M levels)
 
 
 def model_kwargs(config: Any) -> dict[str, Any]:
   """The model's keyword arguments of a config: ``config.model_kwargs``, with the weight grid its QAT method fixes
   (DoReFa: midrise) and, for DoReFa in the authors' form (``quant.dorefa_form='relus'``), DoReFa's ReLUs."""
-  kw = dict(config.get("model_kwargs", {}))
+  kw = {k: v for k, v in dict(config.get("model_kwargs", {})).items() if v is not None}  # unset: the model's default
   q = config.get("quant")
   if q is not None and q.method in QAT_WEIGHT_GRIDS:
     kw["weight_grid"] = QAT_WEIGHT_GRIDS[q.method]
@@ -145,6 +146,7 @@ def weight_grid(kwargs: Any) -> str:
 __all__ = [
     "DEFAULT_WEIGHT_GRID",
     "QAT_WEIGHT_GRIDS",
+    "WEIGHT_GRIDS",
     "ALL_MODELS",
     "MODELS",
     "NeuMF",

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kure_jax.models.layers import QConv, QDense
+from kure_jax.models.layers import DEFAULT_WEIGHT_GRID, QConv, QDense
 from kure_jax.models.resnet import batch_norm, logits_dtype, torch_padding
 
 # (expansion t, output channels c, repeats n, first stride s), as in the paper's Table 2.
@@ -61,7 +61,7 @@ class ConvBNReLU6(nn.Module):
   stride: int = 1
   groups: int = 1
   act_grid: str = "unsigned"
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   dtype: Any = None
 
   @nn.compact
@@ -84,7 +84,7 @@ class InvertedResidual(nn.Module):
   stride: int = 1
   expand_ratio: int = 6
   input_grid: str = "signed"
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   dtype: Any = None
 
   @nn.compact
@@ -111,7 +111,7 @@ class MobileNetV2(nn.Module):
   """
 
   num_classes: int
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   dtype: Any = None
   width_mult: float = 1.0
   dropout: float = 0.2

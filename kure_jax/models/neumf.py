@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kure_jax.models.layers import LayerQuant, QDense
+from kure_jax.models.layers import DEFAULT_WEIGHT_GRID, LayerQuant, QDense
 
 embedding_init = nn.initializers.normal(stddev=0.01)
 mlp_init = nn.initializers.glorot_uniform()
@@ -54,7 +54,7 @@ class QEmbed(nn.Module):
   num_embeddings: int
   features: int
   quantize: bool = False
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   embedding_init: Any = embedding_init
   dtype: Any = None
 
@@ -84,7 +84,7 @@ class NeuMF(nn.Module):
   mlp_layers: Sequence[int] = (64, 32, 16, 8)
   quantize_embeddings: bool = False
   num_classes: int = 1
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   dtype: Any = None
 
   @nn.compact

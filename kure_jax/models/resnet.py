@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kure_jax.models.layers import QConv, QDense, QReLU
+from kure_jax.models.layers import DEFAULT_WEIGHT_GRID, QConv, QDense, QReLU
 
 BN_MOMENTUM = 0.9  # Flax's running-average decay; torch's momentum 0.1
 BN_EPSILON = 1e-5
@@ -75,7 +75,7 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int = 1
   shortcut: str = "identity"
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   dtype: Any = None
   dorefa_relus: bool = False  # every ReLU DoReFa's clamp + quantizer (`relu`)
 
@@ -98,7 +98,7 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   shortcut: str = "identity"
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   dtype: Any = None
   dorefa_relus: bool = False  # every ReLU DoReFa's clamp + quantizer (`relu`)
 
@@ -148,7 +148,7 @@ class CifarResNet(nn.Module):
   """
 
   num_classes: int
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   dtype: Any = None
   depth: int = 20
   width: int = 16
@@ -188,7 +188,7 @@ class ResNet(nn.Module):
   """
 
   num_classes: int
-  weight_grid: str = "signed"
+  weight_grid: str = DEFAULT_WEIGHT_GRID
   dtype: Any = None
   block: Any = BasicBlock
   stage_sizes: Sequence[int] = (2, 2, 2, 2)

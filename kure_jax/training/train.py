@@ -16,6 +16,7 @@ every epoch evaluation, logged in the same 'eval' record as ``sweep/<w|a|wa><bit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -111,6 +112,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   if config.model not in models_lib.ALL_MODELS:
     bad("model", f"is {config.model!r}; choose one of {', '.join(sorted(models_lib.ALL_MODELS))}.")
+  takes = {f.name for f in dataclasses.fields(models_lib.ALL_MODELS[config.model])} - {"parent", "name"}
+  for key in config.get("model_kwargs", {}):
+    if key not in takes:
+      bad(f"model_kwargs.{key}", f"is no argument of {config.model}; it takes {', '.join(sorted(takes))}.")
+  grid = config.get("model_kwargs", {}).get("weight_grid")
+  if grid is not None and grid not in models_lib.WEIGHT_GRIDS:
+    bad("model_kwargs.weight_grid", f"is {grid!r}; choose one of {', '.join(models_lib.WEIGHT_GRIDS)} (or leave "
+        "it unset: signed).")
   task_name = config.get("task", "classification")
   if task_name not in tasks_lib.TASKS:
     bad("task", f"is {task_name!r}; choose one of {', '.join(tasks_lib.TASKS)}.")
