@@ -853,18 +853,9 @@ def _band(ax, rows: Sequence[dict[str, Any]], cks: Sequence[str], style: str, co
           **match) -> None:
   """The seeds' mean curve (on the points every seed covers, interpolated) with a ±1 std band."""
   cv = curves(rows, **match)
-  seeds = [cv[ck] for ck in cks if ck in cv]
-  if not seeds:
-    return
-  xs = sorted({round(x, 6) for c in seeds for x, _ in c})
-  pts = [(x, [interp(c, x) for c in seeds]) for x in xs]
-  pts = [(x, ys) for x, ys in pts if None not in ys]
-  stats = [report.mean_std(ys) for _, ys in pts]
-  x = [p[0] for p in pts]
-  m, s = [t[0] for t in stats], [t[1] for t in stats]
-  ax.plot(x, m, style, color=color, marker="o", ms=2, lw=1.2, label=label)
-  if any(s):
-    ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.18, lw=0)
+  xs, m, s = report.mean_curve({ck: dict(cv[ck]) for ck in cks if ck in cv}, interpolate=True)
+  if xs:
+    report.draw_band(ax, xs, m, s, style, color, label, ms=2, lw=1.2, alpha=0.18)
 
 
 def _seeds(n: int) -> str:

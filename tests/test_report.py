@@ -204,3 +204,14 @@ def test_plot_format_choice_writes_its_png(tmp_path, figures):
           for ck, v in (("a", 80.0), ("b", 60.0)) for f in ("fp4_e2m1", "mxfp4") for t in ("weights", "both")]
   path = report.plot_format_choice(rows, str(tmp_path / "choice.png"), floats={"a": 90.0, "b": 90.0})
   assert path == str(tmp_path / "choice.png") and os.path.getsize(path) > 10_000
+
+
+def test_mean_curve_plain_and_interpolated():
+  """Seeds' curves: plain, over the checkpoints holding each x; interpolated, every seed read at the shared xs."""
+  seeds = {"a": {0.5: 10.0, 1.0: 20.0}, "b": {0.6: 14.0, 1.2: 26.0}}
+  xs, mean, std = report.mean_curve(seeds)
+  assert xs == [0.5, 0.6, 1.0, 1.2] and mean == [10.0, 14.0, 20.0, 26.0] and std == [0.0] * 4
+  xs, mean, std = report.mean_curve(seeds, interpolate=True)
+  assert xs == [0.6, 1.0]  # 0.5 and 1.2: outside one seed's curve
+  np.testing.assert_allclose(mean, [13.0, 21.0])  # a(0.6) = 12, b(1.0) = 14 + 12 · 0.4 / 0.6 = 22
+  np.testing.assert_allclose(std, [np.sqrt(2.0)] * 2)  # sample std of two values 2 apart

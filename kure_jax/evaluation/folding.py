@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kure_jax import tree_paths
 from kure_jax.models.layers import QConv, QDense
 
 
@@ -45,18 +46,12 @@ def conv_bn_pairs(model: nn.Module, variables: dict, image_shape: tuple[int, ...
   return pairs
 
 
-def _node(tree: dict, path: tuple) -> dict:
-  for part in path:
-    tree = tree[part]
-  return tree
-
-
 def fold_batchnorm(model: nn.Module, variables: dict, image_shape: tuple[int, ...]) -> dict:
   """Variables of the same model with every conv→BatchNorm pair folded (inference mode)."""
   params = jax.tree.map(lambda x: x, variables["params"])          # fresh nested dicts
   stats = jax.tree.map(lambda x: x, variables["batch_stats"])
   for conv, bn, eps in conv_bn_pairs(model, variables, image_shape):
-    c, b, s = _node(params, conv), _node(params, bn), _node(stats, bn)
+    c, b, s = (tree_paths.leaf(tree, "/".join(path)) for tree, path in ((params, conv), (params, bn), (stats, bn)))
     scale = b["scale"] / jnp.sqrt(s["var"] + eps)                    # γ/√(σ²+ε), per output channel
     bias = b["bias"] - s["mean"] * scale
     if "bias" in c:                                                  # a conv bias passes through BN too

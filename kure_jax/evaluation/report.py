@@ -13,8 +13,10 @@ import json
 import os
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 _TARGET_NAMES = {"weights": "weights", "activations": "activations", "both": "weights + activations"}
 _POINT = ("checkpoint", "format", "bits", "ratio", "policy", "method", "target")
@@ -118,17 +120,28 @@ def _policy(rows) -> str:
   return "exact" if "exact" in policies else policies[0]
 
 
-def _curve(per_checkpoint: dict[str, dict[float, float]]) -> tuple[list, list[float], list[float]]:
-  """{checkpoint: {x: y}} -> (xs, mean, std) over the checkpoints holding each x."""
-  xs = sorted({x for d in per_checkpoint.values() for x in d})
-  stats = [mean_std([d[x] for d in per_checkpoint.values() if x in d]) for x in xs]
+def mean_curve(per_checkpoint: Mapping[str, Mapping[float, float]],
+               interpolate: bool = False) -> tuple[list, list[float], list[float]]:
+  """{checkpoint: {x: y}} -> (xs, mean, std): the seeds' curve. At each x over the checkpoints holding it; with
+  `interpolate`, each checkpoint's curve is read piecewise-linearly at every x of any of them and only the xs every
+  checkpoint covers are kept (curves re-expressed per seed, e.g. relative to each model's best step, share no xs)."""
+  if not interpolate:
+    xs = sorted({x for d in per_checkpoint.values() for x in d})
+    stats = [mean_std([d[x] for d in per_checkpoint.values() if x in d]) for x in xs]
+  else:
+    curves = [np.array(sorted(d.items()), dtype=float) for d in per_checkpoint.values() if d]
+    xs = sorted({round(float(x), 6) for c in curves for x in c[:, 0]})
+    xs = [x for x in xs if all(c[0, 0] - 1e-6 <= x <= c[-1, 0] + 1e-6 for c in curves)]
+    stats = [mean_std([float(np.interp(x, c[:, 0], c[:, 1])) for c in curves]) for x in xs]
   return xs, [m for m, _, _ in stats], [s for _, s, _ in stats]
 
 
-def _line(ax, xs, ys, sd, style: str, color, marker: str, label: str) -> None:
-  ax.plot(xs, ys, style, color=color, marker=marker, ms=3, label=label)
+def draw_band(ax, xs, ys, sd, style: str, color, label: str, marker: str = "o", ms: float = 3,
+              alpha: float = 0.15, **line) -> None:
+  """A mean curve with its ±1 std band (none where every std is 0: one seed)."""
+  ax.plot(xs, ys, style, color=color, marker=marker, ms=ms, label=label, **line)
   if any(sd):
-    ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=0.15,
+    ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=color, alpha=alpha,
                     lw=0)
 
 
@@ -284,10 +297,10 @@ def plot_ratio(rows: Sequence[dict[str, Any]], path: str, title: str = "", metri
     for ax, target in zip(row, targets):
       for gi, (name, cks) in enumerate(groups):
         for bi, b in enumerate(bits):
-          xs, ys, sd = _curve({ck: {r["ratio"]: r[metric.key] for r in select(
+          xs, ys, sd = mean_curve({ck: {r["ratio"]: r[metric.key] for r in select(
               rows, checkpoint=ck, target=target, bits=b, policy=policy, method=method)} for ck in cks})
           if xs:
-            _line(ax, xs, ys, sd, _STYLES[gi % 4], colors[bi], _MARKERS[gi % len(_MARKERS)], f"{name}, {b} bits")
+            draw_band(ax, xs, ys, sd, _STYLES[gi % 4], colors[bi], f"{name}, {b} bits", _MARKERS[gi % len(_MARKERS)])
       ax.axvline(1.0, color="grey", lw=0.6)
       ax.set(xlabel="step ratio Δ / Δ̃", ylabel=metric.label, ylim=(0, metric.best),
              title=f"quantized: {_TARGET_NAMES.get(target, target)} ({_step(method, policy)})")
@@ -309,10 +322,10 @@ def plot_bits(rows: Sequence[dict[str, Any]], path: str, title: str = "", metric
   for ax, method in zip(axes[0], methods):
     for gi, (name, cks) in enumerate(groups):
       for ti, target in enumerate(targets):
-        xs, ys, sd = _curve({ck: {b: r[metric.key] for b in bits if (r := at_base(
+        xs, ys, sd = mean_curve({ck: {b: r[metric.key] for b in bits if (r := at_base(
             rows, checkpoint=ck, target=target, bits=b, policy=policy, method=method))} for ck in cks})
         if xs:
-          _line(ax, xs, ys, sd, _STYLES[ti % 4], f"C{gi % 10}", _MARKERS[ti % len(_MARKERS)], f"{name}, {target}")
+          draw_band(ax, xs, ys, sd, _STYLES[ti % 4], f"C{gi % 10}", f"{name}, {target}", _MARKERS[ti % len(_MARKERS)])
     ax.set(xlabel="bits", ylabel=metric.label, ylim=(0, metric.best), xticks=bits,
            title=f"{metric.title} vs bit-width ({_step(method, policy)})")
     ax.grid(alpha=0.3)
@@ -335,7 +348,7 @@ def plot_policies(rows: Sequence[dict[str, Any]], path: str, title: str = "", me
   for row, method in zip(axes, methods):
     for ax, target in zip(row, targets):
       for k, (name, cks, pol) in enumerate(series):
-        xs, ys, sd = _curve({ck: {i: r[metric.key] for i, b in enumerate(bits) if (r := at_base(
+        xs, ys, sd = mean_curve({ck: {i: r[metric.key] for i, b in enumerate(bits) if (r := at_base(
             rows, checkpoint=ck, target=target, bits=b, policy=pol, method=method))} for ck in cks})
         ax.bar([x + (k - (len(series) - 1) / 2) * width for x in xs], ys, width, yerr=sd if any(sd) else None,
                capsize=2, color=f"C{k % 10}", label=f"{name}, {pol}")
@@ -364,7 +377,7 @@ def plot_formats(rows: Sequence[dict[str, Any]], path: str, title: str = "", met
   for col, target in enumerate(targets):
     ax = axes[0][col]
     for gi, (name, cks) in enumerate(groups):
-      xs, ys, sd = _curve({ck: {i: r[key] for i, f in enumerate(fmts)
+      xs, ys, sd = mean_curve({ck: {i: r[key] for i, f in enumerate(fmts)
                                 if (r := at_base(rows, checkpoint=ck, target=target, format=f, policy=policy))}
                            for ck in cks})
       ax.bar([x + (gi - (len(groups) - 1) / 2) * width for x in xs], ys, width, yerr=sd if any(sd) else None,
@@ -377,10 +390,10 @@ def plot_formats(rows: Sequence[dict[str, Any]], path: str, title: str = "", met
       ax = axes[1][col]
       for gi, (name, cks) in enumerate(groups):
         for fi, f in enumerate(fmts):
-          xs, ys, sd = _curve({ck: {r["ratio"]: r[key] for r in select(rows, checkpoint=ck, target=target, format=f,
+          xs, ys, sd = mean_curve({ck: {r["ratio"]: r[key] for r in select(rows, checkpoint=ck, target=target, format=f,
                                                                           policy=policy)} for ck in cks})
           if xs:
-            _line(ax, xs, ys, sd, _STYLES[gi % 4], f"C{fi % 10}", _MARKERS[gi % len(_MARKERS)], f"{name}, {f}")
+            draw_band(ax, xs, ys, sd, _STYLES[gi % 4], f"C{fi % 10}", f"{name}, {f}", _MARKERS[gi % len(_MARKERS)])
       ax.axvline(1.0, color="grey", lw=0.6)
       ax.set(xlabel="scale ratio (× the format's max scaling)", ylabel=label, ylim=ylim)
       ax.grid(alpha=0.3)
