@@ -342,8 +342,13 @@ def test_table_quantizer_matches_hook():
 # ----------------------------------------------------------------------------------
 # The real files
 
-real = pytest.mark.skipif(not SHARED_MOVIELENS.is_dir(), reason=f"MovieLens-1M (NCF's files) not found at "
-                          f"{SHARED_MOVIELENS}; see ../shared/data/movielens/README.md")
+_present = pytest.mark.skipif(not SHARED_MOVIELENS.is_dir(), reason=f"MovieLens-1M (NCF's files) not found at "
+                              f"{SHARED_MOVIELENS}; see ../shared/data/movielens/README.md")
+
+
+def real(test):
+  """A test on the real ML-1M: slow (the full 1M-rating files), skipped where they are absent."""
+  return pytest.mark.slow(_present(test))
 
 
 @pytest.fixture(scope="module")

@@ -159,6 +159,7 @@ def test_ranking_sums_ignore_padding():
   assert summary["count"] == 2 and summary["hr@10"] == 0.5 and summary["ndcg@10"] == 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_MOVIELENS.is_dir(), reason=f"MovieLens-1M (NCF's files) not found at "
                     f"{SHARED_MOVIELENS}; see ../shared/data/movielens/README.md")
 def test_real_one_epoch(tmp_path):
