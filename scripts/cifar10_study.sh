@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole CIFAR-10 study (issue 16, docs/RESULTS.md): the converged ResNet-20 base, the fine-tunes, the evaluations
-# under both presets, the report. Resumable at every step: a finished training (its `done` marker) or evaluation
-# (its robustness.json) is skipped, an unfinished training resumes bit-identically from its last checkpoint; each
-# step's wall time lands in $OUT/wall_times.tsv.
+# under both presets, the report. Resumable at every step: a finished (or shipped) training is skipped, an
+# unfinished one resumes bit-identically from its last checkpoint; an evaluation scores only the models it has not
+# scored yet (so the stages can be rerun as the models arrive); each step's wall time lands in $OUT/wall_times.tsv.
 #
 #   bash scripts/cifar10_study.sh [DATA_DIR] [OUT] [DEST]
 #

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The evaluations of the CIFAR-10 study (docs/RESULTS.md) under both presets, over the models that
-# scripts/study_train.sh trained into OUT. Resumable: an evaluation whose robustness.json exists is skipped;
-# wall times land in $OUT/wall_times.tsv. Each model is read from OUT when its training is done there, else from its
-# shipped weights (weights/study_NAME; SHIPPED sets the prefix); models that are neither are left out.
+# scripts/study_train.sh trained into OUT. Incremental and resumable: each run of this script scores, per evaluation,
+# only the models it has not scored yet, in one eval.py call (one compile) into a new part OUT/eval_NAME/N/, which
+# holds `scored` (its models) once it finished; the report merges the parts. So the evaluations can run as the
+# models arrive. Wall times land in $OUT/wall_times.tsv. Each model is read from OUT when its training is done there,
+# else from its shipped weights (weights/study_NAME; SHIPPED sets the prefix); models that are neither are left out.
 #
 #   bash scripts/study_eval.sh [DATA_DIR] [OUT]          e.g. bash scripts/study_eval.sh ../shared/data/cifar10 runs/study
 #
@@ -21,24 +23,34 @@ common=(--config configs/cifar10_resnet20.py --config.dataset.name=folder --conf
 
 wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }
 
-evaluate() {  # evaluate NAME "MODEL..." OVERRIDES...: one eval.py call over the trained models among MODEL...
-  local name=$1 ckpts=() m; shift
+evaluate() {  # evaluate NAME "MODEL..." OVERRIDES...: one eval.py call over the trained models among MODEL... that
+              # OUT/eval_NAME has not scored yet, into its next part
+  local name=$1 dir="$out/eval_$1" ckpts=() labels=() m src n=1; shift
+  wanted "$name" || return 0
   for m in $1; do
-    if [[ -f "$out/$m/done" || -n ${DRY:-} ]]; then ckpts+=(--checkpoint "$out/$m" --label "$m")
-    elif [[ -n $shipped && -f "${shipped}$m/variables.msgpack" ]]; then ckpts+=(--checkpoint "${shipped}$m" --label "$m")
+    src=""
+    if [[ -f "$out/$m/done" || -n ${DRY:-} ]]; then src="$out/$m"
+    elif [[ -n $shipped && -f "${shipped}$m/variables.msgpack" ]]; then src="${shipped}$m"
     fi
+    [[ -n $src ]] || continue
+    cat "$dir"/*/scored 2>/dev/null | grep -qxF "$m" && continue
+    ckpts+=(--checkpoint "$src" --label "$m")
+    labels+=("$m")
   done; shift
-  wanted "$name" && (( ${#ckpts[@]} )) || return 0
-  [[ -f "$out/eval_$name/robustness.json" ]] && return 0
+  (( ${#ckpts[@]} )) || return 0
+  while [[ -f "$dir/$n/scored" ]]; do n=$((n + 1)); done  # the first unfinished part (a killed call's) is redone
   if [[ -n ${DRY:-} ]]; then
-    printf '%q ' python eval.py "${common[@]}" "${ckpts[@]}" --out "$out/eval_$name" "$@"; echo
+    printf '%q ' python eval.py "${common[@]}" "${ckpts[@]}" --out "$dir/$n" "$@"; echo
     return 0
   fi
+  rm -rf "${dir:?}/$n"
+  mkdir -p "$dir"
   local t0=$SECONDS
-  if python eval.py "${common[@]}" "${ckpts[@]}" --out "$out/eval_$name" "$@" > "$out/eval_$name.log" 2>&1; then
+  if python eval.py "${common[@]}" "${ckpts[@]}" --out "$dir/$n" "$@" > "$dir/$n.log" 2>&1; then
+    printf '%s\n' "${labels[@]}" > "$dir/$n/scored"
     printf 'eval %s\t%d\n' "$name" $((SECONDS - t0)) >> "$out/wall_times.tsv"
   else
-    echo "eval $name failed: see $out/eval_$name.log" >&2
+    echo "eval $name failed: see $dir/$n.log" >&2
   fi
 }
 

@@ -130,21 +130,35 @@ def _shipped(prefix: str, name: str) -> dict[str, Any] | None:
 
 
 def _evaluation(out: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
-  path = os.path.join(out, f"eval_{name}", "robustness.json")
-  if not os.path.exists(path):
+  """The rows and meta of OUT/eval_NAME: its parts (scripts/study_eval.sh scores the models as they come, each call
+  into a part N/) merged, or one robustness.json of the whole; None where it did not run."""
+  folder = os.path.join(out, f"eval_{name}")
+  parts = sorted((p for p in os.listdir(folder) if p.isdigit()), key=int) if os.path.isdir(folder) else []
+  paths = [p for p in [os.path.join(folder, "robustness.json")] + [os.path.join(folder, p, "robustness.json")
+                                                                     for p in parts] if os.path.exists(p)]
+  if not paths:
     return None
-  with open(path) as f:
-    data = json.load(f)
-  return [{"format": "", **r} for r in data["rows"]], data.get("meta", {})  # rows from before number formats: ''
+  rows: list[dict[str, Any]] = []
+  meta: dict[str, Any] = {}
+  for path in paths:
+    with open(path) as f:
+      data = json.load(f)
+    rows += [{"format": "", **r} for r in data["rows"]]  # rows from before number formats: ''
+    part = data.get("meta", {})
+    meta = {**part, **meta, "checkpoints": {**part.get("checkpoints", {}), **meta.get("checkpoints", {})}}
+  return rows, meta
 
 
 def _wall_times(path: str) -> dict[str, float]:
-  """{step: seconds} of wall_times.tsv (the last time of a step run twice)."""
+  """{step: seconds} of wall_times.tsv: an evaluation's parts summed, else the last time of a step run twice."""
   if not os.path.exists(path):
     return {}
   with open(path) as f:
     pairs = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-  return {p[0]: float(p[1]) for p in pairs if len(p) == 2}
+  out: dict[str, float] = {}
+  for step, seconds in (p for p in pairs if len(p) == 2):
+    out[step] = out.get(step, 0.0) * step.startswith("eval ") + float(seconds)
+  return out
 
 
 def load_paper(paper_dir: str) -> dict[str, list[dict[str, str]]] | None:
@@ -1059,11 +1073,9 @@ def write_report(out: str, dest: str, paper_dir: str | None, shipped: str | None
       f.write(text)
     with open(os.path.join(tmp, "formats.md"), "w") as f:
       f.write(formats_md(st))
-    for name in st.evals:
-      src = os.path.join(out, f"eval_{name}", "robustness.csv")
-      if os.path.exists(src):
-        os.makedirs(os.path.join(tmp, "rows"), exist_ok=True)
-        shutil.copy(src, os.path.join(tmp, "rows", f"{name}.csv"))
+    for name, (rows, _) in st.evals.items():  # every part's rows in one table
+      os.makedirs(os.path.join(tmp, "rows"), exist_ok=True)
+      report.write_csv(rows, os.path.join(tmp, "rows", f"{name}.csv"))
     old = f"{os.path.normpath(dest)}.old{os.getpid()}"
     if os.path.exists(dest):
       os.rename(dest, old)

@@ -352,8 +352,9 @@ def test_the_study_scripts_continue_from_shipped_weights(tmp_path):
   stub = tmp_path / "bin"
   stub.mkdir()
   calls = tmp_path / "calls"
-  # python stub: records its arguments; as train.py, leaves a finished run's log line
-  (stub / "python").write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho "{{\'interrupted\': False}}"\n')
+  # python stub: records its arguments; as train.py, leaves a finished run's log line; as eval.py, its --out folder
+  (stub / "python").write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho "{{\'interrupted\': False}}"\n'
+                               'while [[ $# -gt 0 ]]; do [[ $1 == --out ]] && mkdir -p "$2"; shift; done\n')
   (stub / "python").chmod(0o755)
   shipped = tmp_path / "weights"
   for name in ("study_base", "study_baseline_s0", "study_kure_t3"):
@@ -378,6 +379,20 @@ def test_the_study_scripts_continue_from_shipped_weights(tmp_path):
   # the stub trained nothing to the end (no done markers): the shipped models and OUT's finished kure_t3 only
   assert pairs == [(f"{shipped}/study_base", "base"), (f"{shipped}/study_baseline_s0", "baseline_s0"),
                    (str(out / "kure_t3"), "kure_t3")]
+  assert argv[argv.index("--out") + 1] == str(out / "eval_formats" / "1")
+  assert (out / "eval_formats" / "1" / "scored").read_text().split() == ["base", "baseline_s0", "kure_t3"]
+
+  # a model finished since: the next run scores it alone, into the next part; then nothing is left to score
+  calls.unlink()
+  os.makedirs(out / "kure_s0", exist_ok=True)
+  open(out / "kure_s0" / "done", "w").close()
+  for _ in range(2):
+    subprocess.run(["bash", "scripts/study_eval.sh", "data", str(out)], env={**env, "ONLY": "formats"}, check=True,
+                   cwd=REPO, capture_output=True)
+  argv = shlex.split(calls.read_text())
+  assert argv.count("--checkpoint") == 1 and argv[argv.index("--checkpoint") + 1] == str(out / "kure_s0")
+  assert argv[argv.index("--out") + 1] == str(out / "eval_formats" / "2")
+  assert (out / "eval_formats" / "2" / "scored").read_text().split() == ["kure_s0"]
 
 
 def test_the_weight_grid_is_set_from_the_command_line():

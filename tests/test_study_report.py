@@ -363,3 +363,30 @@ def test_the_real_paper_numbers(study):
   assert "| W4 | KURE K_T 1.8 | 1.20 | 48.46 at 0.70 | 48.46 |" in b
   assert "| W4 | baseline (λ = 0) | 1.00 |" in b and "| 66.44 |" in b
   assert "| ResNet-50 KURE K_T 1.8 | 76.3 | 75.6 | 73.6 | 64.2 | 76.2 | 75.8 | 74.3 | 66.5 |" in section(text, "a")
+
+
+def test_an_evaluation_in_parts_reads_as_one(study, tmp_path):
+  """study_eval.sh scores models as they come, each call into a part eval_NAME/N/: the report merges the parts into
+  the same claims and rows as one evaluation of them all, and sums the parts' wall times."""
+  out, dest = study
+  whole, _ = run(out, dest, str(tmp_path / "no_paper"))
+  with open(os.path.join(dest, "rows", "ptq_w_ours.csv")) as f:
+    whole_rows = sorted(f.read().splitlines())
+  folder = os.path.join(out, "eval_ptq_w_ours")
+  with open(os.path.join(folder, "robustness.json")) as f:
+    data = json.load(f)
+  for name in ("robustness.json", "robustness.csv"):
+    os.remove(os.path.join(folder, name))
+  for part, first in ((1, True), (2, False)):
+    rows = [r for r in data["rows"] if r["checkpoint"].startswith("baseline") == first]
+    cks = {c: p for c, p in data["meta"]["checkpoints"].items() if c.startswith("baseline") == first}
+    report.write_tables(rows, os.path.join(folder, str(part)), {**data["meta"], "checkpoints": cks})
+  with open(os.path.join(out, "wall_times.tsv"), "a") as f:
+    f.write("eval ptq_w_ours\t60\n")  # the second part's
+  dest2 = str(tmp_path / "dest2")
+  parts, _ = run(out, dest2, str(tmp_path / "no_paper"))
+  assert parts == whole
+  with open(os.path.join(dest2, "rows", "ptq_w_ours.csv")) as f:
+    assert sorted(f.read().splitlines()) == whole_rows
+  with open(os.path.join(dest2, "models.md")) as f:
+    assert "| ptq_w_ours | 3.0 |" in f.read()  # 120 s + 60 s

@@ -186,13 +186,19 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: str, meta: dict[str, A
   os.makedirs(out_dir, exist_ok=True)
   paths = {"json": os.path.join(out_dir, "robustness.json"), "csv": os.path.join(out_dir, "robustness.csv")}
   _atomic_write(paths["json"], json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=1))
+  write_csv(rows, paths["csv"], metric)
+  return paths
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str, metric=None) -> str:
+  """The rows as robustness.csv has them (one per checkpoint × grid point, floats rounded to 4 decimals)."""
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=columns(metric_of(rows, metric)), extrasaction="ignore")
   w.writeheader()
   for r in rows:
     w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-  _atomic_write(paths["csv"], buf.getvalue())
-  return paths
+  _atomic_write(path, buf.getvalue())
+  return path
 
 
 def summary_table(rows: Sequence[dict[str, Any]], metric=None) -> str:
