@@ -33,8 +33,9 @@ run base
 
 # 2. fine-tunes from the base (this run's, else the shipped one: the same values), identical schedules (constant
 #    learning rate, FT_EPOCHS epochs). Order: the first seed pair, the kurtosis targets (with it, the number-formats
-#    experiment can run), the other seed pairs (a partial study still compares like with like), gradient-l1, QAT.
-#    DoReFa in the authors' model form (every ReLU clamped and quantized, the residual stream included)
+#    experiment can run; K_T 4.0 first, the one the GPU pilot did not train), the other seed pairs (a partial study
+#    still compares like with like), gradient-l1, QAT. DoReFa in the authors' model form (every ReLU clamped and
+#    quantized, the residual stream included)
 base=$out/base
 [[ ! -f $base/done ]] && shipped base && base=${shipped}base
 ft=(--config.init_from="$base" --config.num_epochs="$ft_epochs" --config.schedule.name=constant
@@ -42,9 +43,9 @@ ft=(--config.init_from="$base" --config.num_epochs="$ft_epochs" --config.schedul
 finetunes=(
   "baseline_s0 --config.seed=0 --config.kure.weight=0"
   "kure_s0 --config.seed=0 --config.kure.weight=1.0 --config.kure.target=1.8"
+  "kure_t4 --config.kure.weight=1.0 --config.kure.target=4.0"
   "kure_t2.4 --config.kure.weight=1.0 --config.kure.target=2.4"
   "kure_t3 --config.kure.weight=1.0 --config.kure.target=3.0"
-  "kure_t4 --config.kure.weight=1.0 --config.kure.target=4.0"
   "kure_t6 --config.kure.weight=1.0 --config.kure.target=6.0"
   "baseline_s1 --config.seed=1 --config.kure.weight=0"
   "kure_s1 --config.seed=1 --config.kure.weight=1.0 --config.kure.target=1.8"

@@ -366,7 +366,7 @@ def test_the_study_scripts_continue_from_shipped_weights(tmp_path):
   subprocess.run(["bash", "scripts/study_train.sh", "data", str(out)], env=env, check=True, cwd=REPO,
                  capture_output=True)
   runs = [line.split("--workdir ")[1].split()[0].rsplit("/", 1)[1] for line in calls.read_text().splitlines()]
-  assert runs[:3] == ["kure_s0", "kure_t2.4", "kure_t4"] and len(runs) == 13  # 16 but base, baseline_s0, kure_t3
+  assert runs[:3] == ["kure_s0", "kure_t4", "kure_t2.4"] and len(runs) == 13  # 16 but base, baseline_s0, kure_t3
   assert all(f"--config.init_from={shipped}/study_base " in line for line in calls.read_text().splitlines())
 
   calls.unlink()
