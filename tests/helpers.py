@@ -1,5 +1,6 @@
-"""Small shared test utilities: a generated image-folder dataset and the shared data location."""
+"""Small shared test utilities: a generated image-folder dataset, the shared data location, the scripts as modules."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +35,11 @@ def override(config, overrides: dict):
       node = node[p]
     node[leaf] = v
   return config
+
+
+def load_script(name: str):
+  """scripts/<name>.py imported as a module (the scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

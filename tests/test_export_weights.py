@@ -1,7 +1,6 @@
 """scripts/export_weights.py: a float run and a QAT run exported as shipped weights, their manifest entries
 re-computed from what the runs themselves logged."""
 
-import importlib.util
 import os
 import sys
 
@@ -12,18 +11,11 @@ import pytest
 from kure_jax import weights
 from kure_jax.metrics import read_metrics
 from kure_jax.training.train import train_and_evaluate
-from tests.helpers import REPO
+from tests.helpers import load_script
 from tests.test_train import tiny_config, write_class_folders
 
 
-def _script():
-  spec = importlib.util.spec_from_file_location("export_weights", os.path.join(REPO, "scripts", "export_weights.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-export = _script()
+export = load_script("export_weights")
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,9 @@
 """scripts/ncf_report.py: the NCF study's mean ± std table and plot from synthetic eval rows and run logs."""
 
-import importlib.util
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location("ncf_report", os.path.join(ROOT, "scripts", "ncf_report.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests.helpers import load_script
 
 
 def _run(runs, label, hr):
@@ -22,7 +14,7 @@ def _run(runs, label, hr):
 
 
 def test_table_groups_seeds_and_the_plot_is_written(tmp_path):
-  report = _load()
+  report = load_script("ncf_report")
   runs, rob, out = tmp_path / "runs", tmp_path / "eval", tmp_path / "out"
   values = {"baseline_s0": 0.4, "baseline_s1": 0.6, "act_s0": 0.62}  # at 4 bits, activations
   rows = []
@@ -48,7 +40,7 @@ def test_table_groups_seeds_and_the_plot_is_written(tmp_path):
 
 
 def test_float_table_has_the_last_and_the_best_epoch(tmp_path):
-  report = _load()
+  report = load_script("ncf_report")
   runs = tmp_path / "runs"
   _run(str(runs), "baseline_s0", 0.70)                 # evaluations 0.60 then 0.70: best = last
   os.makedirs(runs / "baseline_s1")

@@ -1,7 +1,6 @@
 """scripts/study_report.py: the CIFAR-10 study's report from a synthetic OUT whose verdicts are known."""
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -11,6 +10,7 @@ from matplotlib.figure import Figure
 
 from kure_jax.errors import UserError
 from kure_jax.evaluation import report
+from tests.helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(ROOT, "..", "shared", "data", "paper")
@@ -18,14 +18,7 @@ RATIOS = [round(0.5 + 0.05 * i, 6) for i in range(21)]  # study_eval.sh's 21 rat
 SEEDS = ("s0", "s1", "s2")
 
 
-def _load():
-  spec = importlib.util.spec_from_file_location("study_report", os.path.join(ROOT, "scripts", "study_report.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-sr = _load()
+sr = load_script("study_report")
 
 
 def _workdir(out, name, top1s, kurts, done=True):
