@@ -112,6 +112,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   if config.model not in models_lib.ALL_MODELS:
     bad("model", f"is {config.model!r}; choose one of {', '.join(sorted(models_lib.ALL_MODELS))}.")
+  task_name = config.get("task", "classification")
+  if task_name not in tasks_lib.TASKS:
+    bad("task", f"is {task_name!r}; choose one of {', '.join(tasks_lib.TASKS)}.")
+  task = tasks_lib.TASKS[task_name]
+  if config.model not in task.models:
+    bad("model", f"is {config.model!r}, which the {task.name!r} task (config.task) cannot train; "
+        f"choose one of {', '.join(task.models)}.")
+  # The model's own arguments only once the model fits the task: a model from another task fails on the task, the
+  # root cause, not on the other task's model_kwargs.
   takes = {f.name for f in dataclasses.fields(models_lib.ALL_MODELS[config.model])} - {"parent", "name"}
   for key in config.get("model_kwargs", {}):
     if key not in takes:
@@ -120,13 +129,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if grid is not None and grid not in models_lib.WEIGHT_GRIDS:
     bad("model_kwargs.weight_grid", f"is {grid!r}; choose one of {', '.join(models_lib.WEIGHT_GRIDS)} (or leave "
         "it unset: signed).")
-  task_name = config.get("task", "classification")
-  if task_name not in tasks_lib.TASKS:
-    bad("task", f"is {task_name!r}; choose one of {', '.join(tasks_lib.TASKS)}.")
-  task = tasks_lib.TASKS[task_name]
-  if config.model not in task.models:
-    bad("model", f"is {config.model!r}, which the {task.name!r} task (config.task) cannot train; "
-        f"choose one of {', '.join(task.models)}.")
   if config.dataset.name in data_lib.DATASET_NAMES and config.dataset.name not in task.datasets:
     bad("dataset.name", f"is {config.dataset.name!r}, which is no data of the {task.name!r} task (config.task); "
         f"choose one of {', '.join(task.datasets)}.")
