@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from kure_jax.models.conv import DIMENSION_NUMBERS, conv2d, materialize
@@ -13,6 +14,10 @@ from kure_jax.models.conv import DIMENSION_NUMBERS, conv2d, materialize
 PADDINGS = {"same": "SAME", "valid": "VALID", "asym": ((1, 2), (0, 1))}
 CASES = [dict(testcase_name=f"s{s}_k{k}_{p}_{'dw' if dw else 'g1'}_{d}", strides=s, k=k, padding=p, depthwise=dw, dtype=d)
          for s, k, p, dw, d in itertools.product((1, 2), (1, 3), PADDINGS, (False, True), ("float32", "bfloat16"))]
+# The quick loop (`-m "not slow"`) checks the hardest case of each kind (stride 2, 3×3, asymmetric padding; grouped
+# and depthwise; both dtypes); the rest of the product (44 cases × jit/no jit, ~4 min of compiles) and the double
+# backprop run with the slow tests (Conv2dSlowTest).
+QUICK = [c for c in CASES if c["strides"] == 2 and c["k"] == 3 and c["padding"] == "asym"]
 
 
 def reference(x, w, strides, padding, groups):
@@ -27,43 +32,32 @@ def _operands(k, depthwise, dtype, cin=4):
   return x, w, keys[2], cin if depthwise else 1
 
 
+def check_values_and_gradients(variant, strides, k, padding, depthwise, dtype):
+  """conv2d's output and both gradients equal lax's bit for bit (under `variant`: jit or not)."""
+  x, w, key, groups = _operands(k, depthwise, dtype)
+  pad = PADDINGS[padding]
+
+  def loss(conv):  # a fixed random cotangent, so every output element matters
+    def f(x, w):
+      y = conv(x, w)
+      return jnp.sum(y.astype(jnp.float32) * jax.random.normal(key, y.shape)), y
+    return f
+
+  ours = variant(jax.value_and_grad(loss(lambda x, w: conv2d(x, w, strides, pad, groups)), (0, 1), has_aux=True))
+  ref = variant(jax.value_and_grad(loss(lambda x, w: reference(x, w, strides, pad, groups)), (0, 1), has_aux=True))
+  (_, y), (dx, dw) = ours(x, w)
+  (_, y_ref), (dx_ref, dw_ref) = ref(x, w)
+  assert (y.dtype, dx.dtype, dw.dtype) == (x.dtype, x.dtype, w.dtype)
+  for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):  # bit for bit
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 class Conv2dTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*CASES)
+  @parameterized.named_parameters(*QUICK)
   def test_values_and_gradients_equal_lax(self, strides, k, padding, depthwise, dtype):
-    x, w, key, groups = _operands(k, depthwise, dtype)
-    pad = PADDINGS[padding]
-
-    def loss(conv):  # a fixed random cotangent, so every output element matters
-      def f(x, w):
-        y = conv(x, w)
-        return jnp.sum(y.astype(jnp.float32) * jax.random.normal(key, y.shape)), y
-      return f
-
-    ours = self.variant(jax.value_and_grad(loss(lambda x, w: conv2d(x, w, strides, pad, groups)), (0, 1), has_aux=True))
-    ref = self.variant(jax.value_and_grad(loss(lambda x, w: reference(x, w, strides, pad, groups)), (0, 1), has_aux=True))
-    (_, y), (dx, dw) = ours(x, w)
-    (_, y_ref), (dx_ref, dw_ref) = ref(x, w)
-    self.assertEqual((y.dtype, dx.dtype, dw.dtype), (x.dtype, x.dtype, w.dtype))
-    for got, want in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):  # bit for bit
-      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(("SAME", 1), ("VALID", 2), (((1, 2), (0, 1)), 2))
-  def test_double_backprop_equals_lax(self, padding, strides):
-    x, w, key, _ = _operands(3, False, "float32")
-
-    def penalty(conv):  # ‖∇_w L‖₁ (the gradient-ℓ1 regularizer), differentiated again in x and w
-      def loss(x, w):
-        y = conv(x, w)
-        return jnp.sum(jnp.tanh(y) * jax.random.normal(key, y.shape))
-      return lambda x, w: jnp.sum(jnp.abs(jax.grad(loss, 1)(x, w)))
-
-    got = self.variant(jax.value_and_grad(penalty(lambda x, w: conv2d(x, w, strides, padding)), (0, 1)))(x, w)
-    want = self.variant(jax.value_and_grad(penalty(lambda x, w: reference(x, w, strides, padding, 1)), (0, 1)))(x, w)
-    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+    check_values_and_gradients(self.variant, strides, k, padding, depthwise, dtype)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_forward_mode_and_vmap(self):
@@ -94,3 +88,29 @@ class Conv2dTest(chex.TestCase):
     grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(conv2d(jax.nn.relu(x * 1.5 + 0.1), w))), (0, 1)))
     hlo = grad.lower(x, w).compile().as_text()
     self.assertIn("conditional(", hlo)
+
+
+@pytest.mark.slow
+class Conv2dSlowTest(chex.TestCase):
+  """The rest of the case product and the double backprop (compiles dominate: ~4 min on 2 CPU cores)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*[c for c in CASES if c not in QUICK])
+  def test_values_and_gradients_equal_lax(self, strides, k, padding, depthwise, dtype):
+    check_values_and_gradients(self.variant, strides, k, padding, depthwise, dtype)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(("SAME", 1), ("VALID", 2), (((1, 2), (0, 1)), 2))
+  def test_double_backprop_equals_lax(self, padding, strides):
+    x, w, key, _ = _operands(3, False, "float32")
+
+    def penalty(conv):  # ‖∇_w L‖₁ (the gradient-ℓ1 regularizer), differentiated again in x and w
+      def loss(x, w):
+        y = conv(x, w)
+        return jnp.sum(jnp.tanh(y) * jax.random.normal(key, y.shape))
+      return lambda x, w: jnp.sum(jnp.abs(jax.grad(loss, 1)(x, w)))
+
+    got = self.variant(jax.value_and_grad(penalty(lambda x, w: conv2d(x, w, strides, padding)), (0, 1)))(x, w)
+    want = self.variant(jax.value_and_grad(penalty(lambda x, w: reference(x, w, strides, padding, 1)), (0, 1)))(x, w)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)

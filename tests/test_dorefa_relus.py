@@ -34,6 +34,7 @@ def test_sites_in_the_collection():
     quant_collection(None, {}, {"relu1": {"w_bits": 4, "w_step": 0.1}})
 
 
+@pytest.mark.slow
 def test_resnet20_quantizes_its_residual_stream():
   plain = models.get_model("resnet20", 10)
   model = models.get_model("resnet20", 10, dorefa_relus=True, weight_grid="midrise")

@@ -30,6 +30,7 @@ def eval_config(folder, **overrides):
   return tiny_config(folder, **{**defaults, **overrides})
 
 
+@pytest.mark.slow
 def test_reports(trained, tmp_path):
   folder, workdir = trained
   out = tmp_path / "out"
@@ -70,6 +71,7 @@ def test_checkpoint_that_does_not_fit(trained, tmp_path):
     run_eval(eval_config(folder), [str(tmp_path / "nothing")], None, str(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 def test_cli(trained, tmp_path):
   folder, workdir = trained
   args = [sys.executable, "eval.py", "--config", "configs/cifar10_resnet20.py", "--checkpoint", workdir,
@@ -132,6 +134,7 @@ def test_four_devices_score_like_one(trained, tmp_path):
   assert all(row["count"] == 24 for row in cli) and len(cli) == 2 * 3 * 2 * 2
 
 
+@pytest.mark.slow
 def test_fold_bn_option(trained, tmp_path):
   folder, workdir = trained
   kw = {"eval.bits": (16, 2), "eval.ratio_min": 1.0, "eval.ratio_max": 1.0, "eval.ratio_steps": 1,

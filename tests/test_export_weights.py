@@ -35,6 +35,7 @@ def _export(monkeypatch, workdir, name, out, folder):
   return weights.read_manifest(str(out))["models"][name]
 
 
+@pytest.mark.slow
 def test_float_run(runs, tmp_path, monkeypatch):
   folder, root = runs
   entry = _export(monkeypatch, root / "float", "f", tmp_path, folder)
@@ -47,6 +48,7 @@ def test_float_run(runs, tmp_path, monkeypatch):
   assert meta["model"] == "resnet20" and "qsteps" not in variables
 
 
+@pytest.mark.slow
 def test_qat_run_is_scored_at_its_trained_setting(runs, tmp_path, monkeypatch):
   """A QAT model's manifest holds its top-1 quantized as it trained (W4A4, LSQ's learned steps, which the weights
   keep), equal to the run's own last evaluation; its float top-1 is left out as meaningless."""

@@ -93,6 +93,7 @@ def test_checksum_is_the_same_for_orbax_dicts_and_optax_tuples_and_sees_one_bit(
 # Damaged checkpoints.
 
 
+@pytest.mark.slow
 def test_silent_corruption_is_refused_and_resume_step_recovers(folder, run6, tmp_path):
   workdir = copy_run(run6, tmp_path)
   flip_bytes(largest_file(os.path.join(workdir, "checkpoints", "6")))
@@ -167,6 +168,7 @@ def test_non_finite_values_are_never_saved_nor_restored(tmp_path):
 # A full disk.
 
 
+@pytest.mark.slow
 def test_failed_save_keeps_the_previous_checkpoint_and_stops(folder, tmp_path, monkeypatch):
   """The meta file's write fails with ENOSPC from the third save on, in orbax's background thread."""
   handler = ocp.JsonCheckpointHandler
@@ -243,6 +245,7 @@ class _Poisoned:
       yield {**batch, "image": np.full_like(batch["image"], np.nan)} if k == self._at else batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint_every, log_every", [(1, 100), (100, 3)])
 def test_non_finite_loss_stops_the_run_at_its_step(folder, tmp_path, monkeypatch, checkpoint_every, log_every):
   make = train_lib.data_lib.make_dataset

@@ -44,6 +44,7 @@ def _correct_by_hand(model, variables, batches, fmt, ratio, channel):
   return correct
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 def test_format_points_equal_hand_quantized_models(trained, granularity):
   folder, workdir = trained

@@ -417,6 +417,7 @@ class ByIndexTest(chex.TestCase):
         want = _by_name_and_grads(x, fmt, step, ratio, w)
         _assert_same_results(got, 0, want, (fmt, formats, step), x, step, ratio, w)
 
+  @pytest.mark.slow  # ~1 min of compiles: one per block shape and format tuple
   def test_block_arithmetic_is_bit_exact(self):
     rng = np.random.default_rng(11)
     mx = F.formats_of_kinds(("mx",))

@@ -77,6 +77,7 @@ def test_bad_reg_config(overrides, message):
     validate_config(c)
 
 
+@pytest.mark.slow
 def test_train_step_with_gradient_l1(tmp_path):
   folder = write_class_folders(tmp_path / "data")
   workdir = str(tmp_path / "g")

@@ -61,6 +61,7 @@ def counting(runner):
   return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("acts", [False, True])
 def test_lapq_improves_on_its_lp_init_and_compiles_once(small, acts):
   model, variables, batches, paths = small
@@ -93,6 +94,7 @@ def test_lapq_never_returns_a_worse_point(small):
   assert r.loss == min([r.init_loss] + powell) <= r.init_loss  # ...and kept the best seen
 
 
+@pytest.mark.slow
 def test_channel_steps_keep_lps_profile(small):
   model, variables, batches, paths = small
   r = lapq(model, variables, batches, paths, 3, granularity="channel", iterations=1, max_evals=20)
@@ -104,6 +106,7 @@ def test_channel_steps_keep_lps_profile(small):
   np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)  # one multiplier per layer over the Lp channel steps
 
 
+@pytest.mark.slow
 def test_lapq_steps_are_the_sweeps_base_step(small):
   model, variables, batches, paths = small
   grid = Grid(bits=(2, 3), ratios=(0.9, 1.0), policies=("exact", "pow2_nearest"), methods=("mse", "lapq"),
@@ -213,6 +216,7 @@ def test_bias_correction_restores_channel_mean_and_std(shape, per_channel):
   np.testing.assert_array_equal(probe.apply({"params": params, "quant": q0}, jnp.zeros(1)), w)
 
 
+@pytest.mark.slow
 def test_bias_correction_in_the_sweep(small):
   model, variables, batches, _ = small
   rows = {}
@@ -265,6 +269,7 @@ def test_real_cifar10_lapq_beats_mse_steps(tmp_path):
 # -- eval.py ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_eval_with_lapq(tmp_path):
   from tests.test_eval import eval_config
   from tests.test_train import tiny_config, write_class_folders
@@ -297,6 +302,7 @@ def test_run_eval_with_lapq(tmp_path):
       run_eval(eval_config(folder, **{"eval.methods": ("lapq",), field: value}), [workdir], None, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_lapq_cache_reuses_searches(tmp_path, monkeypatch):
   """eval.lapq_cache: a second evaluation of the same weights and settings reads LAPQ's steps (the same rows, no
   search); another bit-width searches only that one; another setting searches again."""

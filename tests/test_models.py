@@ -19,6 +19,9 @@ from kure_jax.models import (MODELS, QConv, QDense, get_model, init_variables, p
                              torch_module_path)
 
 NAMES = ("resnet20", "resnet18", "resnet50", "mobilenet_v2")
+# The big models' compiles (~10-30 s each on 2 CPU cores) run with the slow tests; the quick loop keeps the CIFAR
+# ResNet-20 and ResNet-18.
+PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet50", "mobilenet_v2") else n for n in NAMES]
 NUM_CLASSES = 10
 X = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
 
@@ -128,7 +131,7 @@ def test_select_kernels_skips_exactly_stem_and_classifier(name):
 # Forward passes.
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_eval_forward(name):
   model, variables = train_run(name)[:2]
   assert set(variables) == {"params", "batch_stats"}
@@ -140,7 +143,7 @@ def test_eval_forward(name):
   assert np.max(np.abs(logits[0] - logits[1])) > 1e-3 * np.max(np.abs(logits))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PARAMS)
 def test_train_forward_updates_batch_stats(name):
   _, variables, run, logits, new_stats, inter, _ = train_run(name)
   assert logits.shape == (2, NUM_CLASSES) and np.all(np.isfinite(logits))
@@ -216,6 +219,7 @@ def resnet20_quant_setup():
   return model, variables, kernels, bits, logits, collection
 
 
+@pytest.mark.slow
 def test_quant_hook_changes_logits():
   _, _, kernels, _, logits, collection = resnet20_quant_setup()
   ref = logits({})

@@ -251,6 +251,7 @@ def _neumf(quantize_embeddings: bool = False):
   return model, model.init(jax.random.key(0), USERS, ITEMS)
 
 
+@pytest.mark.slow
 def test_neumf_shapes_jit_grad_and_kernels():
   model, v = _neumf()
   p = v["params"]
@@ -294,6 +295,7 @@ def _quant(params, inputs, bits):
   return quant_collection(params, layers)
 
 
+@pytest.mark.slow
 def test_neumf_quantization_hook():
   model, v = _neumf(True)
   # scale the tiny init up so activations are not all rounding noise

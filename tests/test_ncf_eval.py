@@ -56,6 +56,7 @@ def swept(trained):
   return sweep, sweep.score(trained["eval_ds"].iterate())
 
 
+@pytest.mark.slow
 def test_sweep_rows_carry_the_ranking_metric(trained, swept):
   sweep, rows = swept
   assert sweep.paths == ["layer1/kernel", "layer2/kernel", "layer3/kernel", "prediction/kernel"]
@@ -103,6 +104,7 @@ def hand_built(model, variables, pt, acts, act_grids, paths, eval_ds):
   return tasks.RANKING.summarize(jax.device_get(totals)), int(totals["hits"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", [(2, 0.8, "pow2_nearest", "activations"), (2, 1.0, "exact", "weights"),
                                    (8, 0.8, "exact", "activations")])
 def test_sweep_point_equals_hand_built_quantizer(trained, swept, point):
@@ -142,6 +144,7 @@ def test_run_eval_writes_ranking_reports(trained, tmp_path):
   assert "| ncf | weights | mse | " in summary and f"{base['hr@10']:.3f}" in summary
 
 
+@pytest.mark.slow
 def test_cli(trained, tmp_path):
   from tests.test_train import env
 

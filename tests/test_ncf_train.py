@@ -116,6 +116,7 @@ def test_dataset_batches(folder):
   np.testing.assert_array_equal(np.concatenate([x["user"][x["mask"], 0] for x in batches]), np.arange(USERS))
 
 
+@pytest.mark.slow
 def test_end_to_end_kure_and_resume(folder, tmp_path):
   overrides = {"kure.weight": 0.1, "kure.activations": 0.01}
   # untrained: the random model's HR@10 (via one tiny step at a negligible learning rate)

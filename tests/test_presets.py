@@ -97,6 +97,7 @@ def test_inner_convs_are_the_authors_layers():
   assert "layer3_2/conv2/kernel" not in paths and "fc/kernel" not in paths
 
 
+@pytest.mark.slow
 def test_authors_preset_scores_what_a_hand_quantized_model_scores(folder, tmp_path):
   """W3 under the authors' preset (MSE steps here, to stay quick) = the model with its 17 inner conv kernels
   quantized by hand on the midrise grid and bias-corrected per channel, evaluated plainly."""
@@ -129,6 +130,7 @@ def test_authors_preset_scores_what_a_hand_quantized_model_scores(folder, tmp_pa
   assert rows[0]["correct"] == correct and rows[0]["count"] == count
 
 
+@pytest.mark.slow
 def test_dorefa_sliding_mode(folder, tmp_path):
   """The authors' DoReFa perturbation: ratio 1 is the trained model; other ratios slide the weight grid only."""
   base = str(tmp_path / "float")

@@ -153,6 +153,7 @@ def qat_config(folder, float_run, **overrides):
                                 "schedule.learning_rate": 0.05, **overrides})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,form", [("lsq", "inputs"), ("dorefa", "inputs"), ("dorefa", "relus")])
 def test_qat_checkpoint_scores_itself(folder, float_run, tmp_path, method, form):
   """The evaluator's 'learned' point at the trained bits and ratio 1 is the model the run evaluated (DoReFa in
@@ -189,12 +190,14 @@ def test_qat_checkpoint_scores_itself(folder, float_run, tmp_path, method, form)
     np.testing.assert_allclose(w, [2 / 3, 2 / 15, 2 / 255], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_learned_needs_a_qat_checkpoint(float_run):
   variables, _ = load_variables(float_run)
   with pytest.raises(UserError, match="'learned' needs a QAT checkpoint"):
     Sweep(models.get_model("resnet20", 2), variables, Grid(methods=("learned",)))
 
 
+@pytest.mark.slow
 def test_resume_with_another_quant_setting_is_refused(folder, float_run, tmp_path):
   workdir = str(tmp_path / "q")
   train_and_evaluate(qat_config(folder, float_run, max_steps=2), workdir)
@@ -202,6 +205,7 @@ def test_resume_with_another_quant_setting_is_refused(folder, float_run, tmp_pat
     train_and_evaluate(qat_config(folder, float_run, **{"quant.method": "dorefa"}, max_steps=4), workdir)
 
 
+@pytest.mark.slow
 def test_lsq_resume_is_bit_identical(folder, float_run, tmp_path):
   const = {"schedule.name": "constant"}  # the same learning rate whatever max_steps says
   straight = str(tmp_path / "straight")

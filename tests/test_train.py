@@ -81,6 +81,7 @@ def test_cli_prints_one_line_and_exits_2(folder, tmp_path):
   assert r.stderr.strip().splitlines()[-1] == "error: config.kure.weight must be ≥ 0 (λ = 0 turns KURE off), got -1.0."
 
 
+@pytest.mark.slow
 def test_end_to_end_with_kure(folder, tmp_path):
   workdir = str(tmp_path / "run")
   result = train_and_evaluate(tiny_config(folder, **{"kure.weight": 1.0, "max_steps": 6}), workdir)
@@ -287,6 +288,7 @@ def test_cpu_devices_after_jax_started_and_bad_values_are_one_line_errors(folder
       train_and_evaluate(tiny_config(folder, max_steps=1, cpu_devices=bad), str(tmp_path / "w"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_on_two_cpu_devices_loads_on_one(folder, tmp_path):
   # a checkpoint keeps its run's shardings; eval.py, init_from and export_weights read it on whatever devices
   # they have (here one), with the same values

@@ -53,6 +53,7 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lsq", [False, True], ids=["float", "lsq"])
 def test_dict_era_checkpoint_resumes_into_the_train_state_bit_identically(tmp_path, lsq):
   state0, step, meta = _setup(lsq)

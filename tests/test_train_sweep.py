@@ -19,6 +19,7 @@ def folder(tmp_path_factory):
   return write_class_folders(tmp_path_factory.mktemp("folder"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "lsq"])
 def test_sweep_metrics_equal_a_standalone_sweep_of_the_final_checkpoint(folder, tmp_path, quant):
   # float: mse steps, weights and weights+activations; LSQ: its own learned steps rescaled to 3 and 4 bits
@@ -55,6 +56,7 @@ def test_sweep_metrics_equal_a_standalone_sweep_of_the_final_checkpoint(folder, 
   assert ev["count"] == 24  # the float evaluation still covers the whole split
 
 
+@pytest.mark.slow
 def test_ranking_sweep_logs_hr_at_10(tmp_path):
   """NCF: the task's metric names (hr@10, ndcg@10), activations calibrated on the first train batch."""
   from kure_jax import tasks
