@@ -216,9 +216,9 @@ def test_four_devices_match_one(folder):
   out = json.loads(r.stdout.strip().splitlines()[-1])
   one, four = np.array(out["1"]), np.array(out["4"])
   assert one[-1] < one[0]  # it trains
-  # The same step: the first losses agree to float summation order (4 devices reduce the batch and BN statistics in
-  # another order); later steps compound that order's 1e-7 differences (seen: 6e-5 relative at step 6 on one CI
-  # machine, 1e-6 on another), while a sharding bug (per-device BN statistics, unaveraged gradients) moves the first two far beyond 1e-5.
+  # The first two losses agree to float summation order (4 devices reduce the batch and BN statistics in another
+  # order); later steps compound that order's 1e-7 differences (6e-5 relative at step 6 on one CI machine, 1e-6 on
+  # another), while a sharding bug (per-device BN statistics, unaveraged gradients) moves the first two far beyond.
   np.testing.assert_allclose(four[:2], one[:2], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(four, one, rtol=1e-3)
 
