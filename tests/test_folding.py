@@ -28,7 +28,8 @@ def with_random_bn(variables, seed=0):
 
 @pytest.mark.parametrize("name, size, n_bn", [  # the ImageNet-sized models' compiles are slow tests
     ("resnet20", 32, 19), pytest.param("resnet18", 32, 20, marks=pytest.mark.slow),
-    pytest.param("resnet50", 32, 53, marks=pytest.mark.slow), pytest.param("mobilenet_v2", 32, 52, marks=pytest.mark.slow)])
+    pytest.param("resnet50", 32, 53, marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2", 32, 52, marks=pytest.mark.slow)])
 def test_folded_model_gives_the_same_logits(name, size, n_bn):
   model = models.get_model(name, 10)
   variables = with_random_bn(models.init_variables(model, jax.random.key(0), (size, size, 3)))
