@@ -64,7 +64,7 @@ def test_manifest_lists_every_folder_with_its_checksum():
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(CIFAR), reason="the real CIFAR-10 (../shared/data/cifar10) is not beside the "
                     "repository")
-@pytest.mark.parametrize("name", ["study_base", "pilot_baseline_s2", "pilot_kure_s1"])
+@pytest.mark.parametrize("name", ["study_base", "study_kure_s0", "pilot_baseline_s2", "pilot_kure_s1"])
 def test_shipped_weights_reproduce_their_manifest(name):
   entry = weights.read_manifest(WEIGHTS)["models"][name]
   variables, meta = load_variables(os.path.join(WEIGHTS, name))
