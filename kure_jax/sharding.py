@@ -10,6 +10,7 @@ slice of the global batch and `shard_batch` assembles the global array.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -17,6 +18,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+
+# XLA:CPU aborts the whole process when one device waits longer than 40 s for another at a cross-device reduction
+# (its guard against deadlocks). A CPU split into devices is starved exactly that long whenever other work shares
+# the cores (a niced evaluation beside a training run was aborted so), so `use_cpu_devices` lets it wait a day and
+# warns after 5 minutes. XLA_FLAGS given by the user win.
+COLLECTIVE_TIMEOUT_S = 86_400
+COLLECTIVE_WARN_S = 300
 
 
 def use_cpu_devices(n: int) -> None:
@@ -26,12 +34,19 @@ def use_cpu_devices(n: int) -> None:
   faster on a 2-core CPU, benchmarks/RESULTS.md), with the global batch's numerics up to float summation order.
   1 leaves JAX's CPU devices as they start (one, unless XLA_FLAGS says otherwise). It has to be set before JAX's
   first computation (train_and_evaluate and run_eval do it first); later, a different count is refused in one
-  line. Where an accelerator is present it trains on that, and this changes nothing.
+  line. Where an accelerator is present it trains on that, and this changes nothing. It also raises XLA:CPU's
+  stuck-collective abort from 40 s to `COLLECTIVE_TIMEOUT_S`, so a run that shares its cores survives.
   """
   if n == 1:
     return
   if n < 1:
     raise ValueError(f"config.cpu_devices is {n}; it must be ≥ 1.")
+  flags = os.environ.get("XLA_FLAGS", "")
+  for name, value in (("xla_cpu_collective_call_terminate_timeout_seconds", COLLECTIVE_TIMEOUT_S),
+                      ("xla_cpu_collective_call_warn_stuck_timeout_seconds", min(COLLECTIVE_WARN_S, COLLECTIVE_TIMEOUT_S))):
+    if f"--{name}=" not in flags:
+      flags += f" --{name}={int(value)}"
+  os.environ["XLA_FLAGS"] = flags.strip()
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:  # JAX has started: fine if it already has them

@@ -292,6 +292,50 @@ def test_cpu_devices_after_jax_started_and_bad_values_are_one_line_errors(folder
       train_and_evaluate(tiny_config(folder, max_steps=1, cpu_devices=bad), str(tmp_path / "w"))
 
 
+_IMBALANCED_PSUM = textwrap.dedent("""
+    import sys
+    from kure_jax import sharding
+    if sys.argv[1] != "default":
+      sharding.COLLECTIVE_TIMEOUT_S = int(sys.argv[1])
+    sharding.use_cpu_devices(2)
+    import jax, jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    def body(x):  # device 0 works ~2 s before the reduction, device 1 waits for it there
+      heavy = lambda x: jax.lax.fori_loop(0, 80, lambda _, y: jnp.tanh(y @ y), x)
+      return jax.lax.psum(jax.lax.cond(jax.lax.axis_index("data") == 0, heavy, lambda x: x, x), "data")
+
+    f = jax.jit(jax.shard_map(body, mesh=sharding.make_mesh(), in_specs=P("data"), out_specs=P()))
+    print("sum", float(f(jnp.full((2048, 1024), 1e-3)).sum()))
+""")
+
+
+@pytest.mark.slow
+def test_cpu_devices_survive_a_starved_device():
+  # XLA:CPU aborts a process whose device waits > 40 s at a reduction (a CPU shared with other work); with
+  # cpu_devices > 1 the limit is COLLECTIVE_TIMEOUT_S. Shown on a 1-s limit: the imbalanced step aborts, and so the
+  # flag reaches XLA; with the default it runs (and the flags' names are ones XLA knows, or it would not start)
+  run = lambda arg: subprocess.run([sys.executable, "-c", _IMBALANCED_PSUM, arg], cwd=REPO, env=env(),
+                                   capture_output=True, text=True, timeout=300)
+  short, default = run("1"), run("default")
+  assert short.returncode != 0 and "Termination timeout" in short.stderr and "of 1 seconds exceeded" in short.stderr
+  assert default.returncode == 0 and default.stdout.startswith("sum "), default.stderr[-2000:]
+  from kure_jax import sharding
+  assert sharding.COLLECTIVE_TIMEOUT_S >= 86_400
+
+
+def test_cpu_devices_keep_the_users_collective_flags(monkeypatch):
+  from kure_jax import sharding
+  monkeypatch.setattr(sharding.jax.config, "update", lambda *a: None)  # JAX has started here; only the flags matter
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_collective_call_terminate_timeout_seconds=7")
+  sharding.use_cpu_devices(2)
+  assert os.environ["XLA_FLAGS"] == ("--xla_cpu_collective_call_terminate_timeout_seconds=7 "
+                                     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+  monkeypatch.delenv("XLA_FLAGS")
+  sharding.use_cpu_devices(1)  # one device: nothing to wait for, nothing set
+  assert "XLA_FLAGS" not in os.environ
+
+
 @pytest.mark.slow
 def test_a_checkpoint_written_on_two_cpu_devices_loads_on_one(folder, tmp_path):
   # a checkpoint keeps its run's shardings; eval.py, init_from and export_weights read it on whatever devices
