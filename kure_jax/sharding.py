@@ -20,10 +20,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 # XLA:CPU aborts the whole process when one device waits longer than 40 s for another at a cross-device reduction
-# (its guard against deadlocks). A CPU split into devices is starved exactly that long whenever other work shares
-# the cores (a niced evaluation beside a training run was aborted so), so `use_cpu_devices` lets it wait a day and
-# warns after 5 minutes. XLA_FLAGS given by the user win.
-COLLECTIVE_TIMEOUT_S = 86_400
+# (its guard against deadlocks). A CPU split into devices waits that long whenever other work shares the cores (a
+# niced evaluation beside a training run was aborted so), so `use_cpu_devices` lets it wait 10 minutes, warning
+# after 5: long enough for a starved or briefly paused run, short enough that a true deadlock still ends the
+# process (one evaluation on two CPU devices hung at a reduction with both cores idle). XLA_FLAGS given by the
+# user win.
+COLLECTIVE_TIMEOUT_S = 600
 COLLECTIVE_WARN_S = 300
 
 
@@ -42,8 +44,9 @@ def use_cpu_devices(n: int) -> None:
   if n < 1:
     raise ValueError(f"config.cpu_devices is {n}; it must be ≥ 1.")
   flags = os.environ.get("XLA_FLAGS", "")
+  warn = min(COLLECTIVE_WARN_S, COLLECTIVE_TIMEOUT_S)
   for name, value in (("xla_cpu_collective_call_terminate_timeout_seconds", COLLECTIVE_TIMEOUT_S),
-                      ("xla_cpu_collective_call_warn_stuck_timeout_seconds", min(COLLECTIVE_WARN_S, COLLECTIVE_TIMEOUT_S))):
+                      ("xla_cpu_collective_call_warn_stuck_timeout_seconds", warn)):
     if f"--{name}=" not in flags:
       flags += f" --{name}={int(value)}"
   os.environ["XLA_FLAGS"] = flags.strip()

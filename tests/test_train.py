@@ -321,7 +321,7 @@ def test_cpu_devices_survive_a_starved_device():
   assert short.returncode != 0 and "Termination timeout" in short.stderr and "of 1 seconds exceeded" in short.stderr
   assert default.returncode == 0 and default.stdout.startswith("sum "), default.stderr[-2000:]
   from kure_jax import sharding
-  assert sharding.COLLECTIVE_TIMEOUT_S >= 86_400
+  assert sharding.COLLECTIVE_TIMEOUT_S >= 600
 
 
 def test_cpu_devices_keep_the_users_collective_flags(monkeypatch):
