@@ -301,8 +301,8 @@ _IMBALANCED_PSUM = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    def body(x):  # device 0 works ~2 s before the reduction, device 1 waits for it there
-      heavy = lambda x: jax.lax.fori_loop(0, 80, lambda _, y: jnp.tanh(y @ y), x)
+    def body(x):  # device 0 works seconds before the reduction, device 1 waits there
+      heavy = lambda x: jax.lax.fori_loop(0, 400, lambda _, y: jnp.tanh(y @ y), x)
       return jax.lax.psum(jax.lax.cond(jax.lax.axis_index("data") == 0, heavy, lambda x: x, x), "data")
 
     f = jax.jit(jax.shard_map(body, mesh=sharding.make_mesh(), in_specs=P("data"), out_specs=P()))
