@@ -20,11 +20,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 # XLA:CPU aborts the whole process when one device waits longer than 40 s for another at a cross-device reduction
-# (its guard against deadlocks). A CPU split into devices waits that long whenever other work shares the cores (a
-# niced evaluation beside a training run was aborted so), so `use_cpu_devices` lets it wait 10 minutes, warning
-# after 5: long enough for a starved or briefly paused run, short enough that a true deadlock still ends the
-# process (one evaluation on two CPU devices hung at a reduction with both cores idle). XLA_FLAGS given by the
-# user win.
+# (its guard against deadlocks). A CPU split into devices can wait that long when other work shares the cores or
+# the run is paused (a niced evaluation beside a training run was aborted by it), so `use_cpu_devices` lets it
+# wait 10 minutes, warning after 5: long enough for a starved or briefly paused run, short enough that a true
+# deadlock still ends the process (one evaluation on two CPU devices hung at a reduction with both cores idle;
+# the niced abort may have been the same). XLA_FLAGS given by the user win.
 COLLECTIVE_TIMEOUT_S = 600
 COLLECTIVE_WARN_S = 300
 
