@@ -35,7 +35,8 @@ evaluate() {  # evaluate NAME "MODEL..." OVERRIDES...: one eval.py call over the
     elif [[ -n $shipped && -f "${shipped}$m/variables.msgpack" ]]; then src="${shipped}$m"
     fi
     [[ -n $src ]] || continue
-    cat "$dir"/*/scored 2>/dev/null | grep -qxF "$m" && continue
+    grep -qsxF -- "$m" "$dir"/*/scored && continue  # grep the files itself: `cat | grep -q` under pipefail fails
+                                                    # (and rescored the model) when grep quit first and cat got SIGPIPE
     ckpts+=(--checkpoint "$src" --label "$m")
     labels+=("$m")
   done; shift

@@ -386,6 +386,10 @@ def test_the_study_scripts_continue_from_shipped_weights(tmp_path):
   calls.unlink()
   os.makedirs(out / "kure_s0", exist_ok=True)
   open(out / "kure_s0" / "done", "w").close()
+  # a long part after the one naming base: a reader that stops at the first match must not rescore base (a `cat |
+  # grep -q` pipeline under pipefail did, when cat got SIGPIPE)
+  os.makedirs(out / "eval_formats" / "9")
+  (out / "eval_formats" / "9" / "scored").write_text("".join(f"other_{i}\n" for i in range(200_000)))
   for _ in range(2):
     subprocess.run(["bash", "scripts/study_eval.sh", "data", str(out)], env={**env, "ONLY": "formats"}, check=True,
                    cwd=REPO, capture_output=True)
