@@ -17,7 +17,7 @@ from kure_jax.evaluation.robustness import Grid, Sweep
 from kure_jax.metrics import read_metrics
 from kure_jax.models.layers import QDense
 from kure_jax.training.train import train_and_evaluate, validate_config
-from tests.helpers import SHARED_CIFAR10, override
+from tests.helpers import REPO, SHARED_CIFAR10, override
 from tests.test_train import tiny_config, write_class_folders
 
 
@@ -235,21 +235,17 @@ def test_kure_moves_latent_kurtosis_during_qat(folder, float_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="the real CIFAR-10 (../shared/data/cifar10) is not on this machine")
 def test_real_cifar10_qat_w2_beats_ptq_w2(tmp_path):
-  def config(**kw):
-    c = cifar10_resnet20.get_config()
-    c.dataset.data_dir = str(SHARED_CIFAR10)
-    c.batch_size, c.eval_batch_size, c.num_epochs = 64, 1000, 1
-    c.schedule.warmup_epochs, c.schedule.name = 0.0, "constant"
-    c.log_every_steps, c.checkpoint_every_steps, c.progress = 50, 10_000, False
-    return override(c, kw)
-
-  float_dir, qat_dir = str(tmp_path / "float"), str(tmp_path / "qat")
-  train_and_evaluate(config(max_steps=250, **{"schedule.learning_rate": 0.05}), float_dir)
-  qat_result = train_and_evaluate(config(max_steps=150, init_from=float_dir, **{
-      "schedule.learning_rate": 0.01, "quant.method": "lsq", "quant.w_bits": 2, "quant.a_bits": 0}), qat_dir)
-  # post-training quantization of the float model at W2 (MSE-optimal steps), the same layers
-  c = config()
-  variables, _ = load_variables(float_dir)
+  """LSQ at W2 from the shipped converged base (weights/study_base) beats the base's W2 PTQ by > 10 points."""
+  base = str(REPO / "weights" / "study_base")
+  c = cifar10_resnet20.get_config()
+  c.dataset.data_dir = str(SHARED_CIFAR10)
+  c.batch_size, c.eval_batch_size, c.num_epochs, c.max_steps = 64, 1000, 1, 100
+  c.schedule.warmup_epochs, c.schedule.name = 0.0, "constant"
+  c.log_every_steps, c.checkpoint_every_steps, c.progress = 50, 10_000, False
+  qat_result = train_and_evaluate(override(c, {"init_from": base, "schedule.learning_rate": 0.01, "quant.method": "lsq",
+                                               "quant.w_bits": 2, "quant.a_bits": 0}), str(tmp_path / "qat"))
+  # post-training quantization of the base at W2 (MSE-optimal steps), the same layers
+  variables, _ = load_variables(base)
   ds = data.make_dataset(c.dataset, "eval", batch_size=1000, train=False, seed=0)
   ptq = Sweep(models.get_model("resnet20", 10), variables, Grid(bits=(2,))).score(ds.iterate())[0]
   print(json.dumps({"ptq_w2": ptq["top1"], "qat_w2": qat_result["top1"]}))
