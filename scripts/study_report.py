@@ -125,7 +125,7 @@ def _shipped(prefix: str, name: str) -> dict[str, Any] | None:
     if top1 is None:
       return None
     info = {"top1": top1, "kurtosis_mean": entry.get("kurtosis_mean"), "kurtosis": {},
-            "epoch": None, "epochs": None, "trajectory": []}
+            "epoch": None, "epochs": (entry.get("overrides") or {}).get("num_epochs"), "trajectory": []}
   return {**info, "done": True, "shipped": folder, "wall_s": entry.get("wall_time_s")}
 
 
@@ -838,8 +838,11 @@ def plot_kurtosis(st: Study, path: str) -> bool:
     style = SEED_STYLES[int(seed) % 3] if seed.isdigit() else "-"
     traj = [t for t in st.models[m]["trajectory"] if t[1] is not None]
     label = NAMES.get(arm, arm) + (f" s{seed}" if seed else "")
+    info, ms = st.models[m], 2
+    if not traj and info["epochs"] and info["kurtosis_mean"] is not None:  # shipped without its evaluations
+      traj, label, ms = [[info["epochs"], info["kurtosis_mean"], info["top1"]]], label + " (final only)", 6
     for ax, i in ((ax_k, 1), (ax_a, 2)):
-      ax.plot([t[0] for t in traj], [t[i] for t in traj], style, color=ARM_COLORS.get(arm), marker="o", ms=2,
+      ax.plot([t[0] for t in traj], [t[i] for t in traj], style, color=ARM_COLORS.get(arm), marker="o", ms=ms,
               label=label)
   ax_k.axhspan(*BAND, color="C1", alpha=0.15, lw=0, label="K_T 1.8 ± 0.1")
   if "base" in st.models and st.models["base"]["kurtosis_mean"]:

@@ -281,6 +281,27 @@ def test_models_not_in_out_are_read_from_their_shipped_weights(tmp_path):
     assert "| base | not run yet |" in f.read()
 
 
+def test_a_fine_tune_shipped_without_its_evaluations_is_one_final_point(tmp_path, monkeypatch):
+  """A fine-tune exported before the export kept its metrics: the kurtosis plot draws its manifest's final numbers
+  at the end of its schedule (the manifest's num_epochs), labelled "final only", beside the full trajectories."""
+  from matplotlib.figure import Figure
+  out, shipped = str(tmp_path / "out"), tmp_path / "weights"
+  _workdir(out, "kure_s0", [88.0, 88.5], [2.0, 1.85])
+  os.makedirs(shipped / "study_baseline_s0")
+  (shipped / "study_baseline_s0" / "variables.msgpack").write_bytes(b"x")
+  (shipped / "MANIFEST.json").write_text(json.dumps({"models": {"study_baseline_s0": {
+      "top1_float": 88.4, "kurtosis_mean": 4.33, "overrides": {"num_epochs": 15}}}}))
+  drawn = {}
+  monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.setdefault(os.path.basename(path), fig))
+  sr.write_report(out, str(tmp_path / "dest"), None, str(shipped / "study_"))
+  ax_k, ax_a = drawn["kurtosis.png"].axes
+  lines = {ln.get_label(): ln for ln in ax_k.get_lines()}
+  final = lines["baseline (λ = 0) s0 (final only)"]
+  assert list(final.get_xdata()) == [15] and list(final.get_ydata()) == [4.33]
+  assert [ln.get_ydata()[0] for ln in ax_a.get_lines() if ln.get_label().endswith("(final only)")] == [88.4]
+  assert list(lines["KURE K_T 1.8 s0"].get_ydata()) == [2.0, 1.85]
+
+
 def test_without_the_paper_dir(study, tmp_path):
   out, dest = study
   text, _ = run(out, dest, str(tmp_path / "no_paper"))
