@@ -126,7 +126,7 @@ def _shipped(prefix: str, name: str) -> dict[str, Any] | None:
       return None
     info = {"top1": top1, "kurtosis_mean": entry.get("kurtosis_mean"), "kurtosis": {},
             "epoch": None, "epochs": (entry.get("overrides") or {}).get("num_epochs"), "trajectory": []}
-  return {**info, "done": True, "shipped": folder, "wall_s": entry.get("wall_time_s")}
+  return {**info, "done": True, "shipped": _shown(folder), "wall_s": entry.get("wall_time_s")}
 
 
 def _evaluation(out: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:

@@ -293,7 +293,10 @@ def test_a_fine_tune_shipped_without_its_evaluations_is_one_final_point(tmp_path
       "top1_float": 88.4, "kurtosis_mean": 4.33, "overrides": {"num_epochs": 15}}}}))
   drawn = {}
   monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.setdefault(os.path.basename(path), fig))
+  monkeypatch.chdir(tmp_path)  # the report names the shipped folder as the user would (no machine's layout in docs)
   sr.write_report(out, str(tmp_path / "dest"), None, str(shipped / "study_"))
+  with open(tmp_path / "dest" / "models.json") as f:
+    assert json.load(f)["models"]["baseline_s0"]["shipped"] == os.path.join("weights", "study_baseline_s0")
   ax_k, ax_a = drawn["kurtosis.png"].axes
   lines = {ln.get_label(): ln for ln in ax_k.get_lines()}
   final = lines["baseline (λ = 0) s0 (final only)"]
