@@ -67,3 +67,18 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return [r for r in rows if split is None or r["split"] == split]
+
+
+def training_seconds(rows: list[dict], batch_size: int) -> float:
+  """Training time of a run from its train records: Σ (images since the previous record) / (their images/s).
+
+  It survives kills and resumptions (a resumed run's ``metrics.jsonl`` is cut back to its checkpoint, so every
+  step counts once), where a wall clock around one ``train.py`` call sees only its last segment. Evaluations and
+  compilation between the records are not included.
+  """
+  total, last = 0.0, 0
+  for r in rows:
+    if r.get("split") == "train" and r.get("images_per_s"):
+      total += (r["step"] - last) * batch_size / r["images_per_s"]
+      last = r["step"]
+  return total

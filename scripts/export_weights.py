@@ -35,7 +35,7 @@ from kure_jax import models as models_lib  # noqa: E402
 from kure_jax import qat, sharding, tasks, weights  # noqa: E402
 from kure_jax.checkpoint import load_variables  # noqa: E402
 from kure_jax.core.kurtosis import kurtosis_by_layer  # noqa: E402
-from kure_jax.metrics import read_metrics  # noqa: E402
+from kure_jax.metrics import read_metrics, training_seconds  # noqa: E402
 from kure_jax.training.train import evaluate, kure_selection, make_eval_step  # noqa: E402
 
 CONFIG_FILE = "configs/cifar10_resnet20.py"
@@ -59,18 +59,6 @@ def overrides(trained: dict, config_file: str) -> dict:
   module = importlib.import_module(config_file.removesuffix(".py").replace("/", "."))
   base = flatten(json.loads(module.get_config().to_json_best_effort()))
   return {k: v for k, v in sorted(flatten(trained).items()) if base.get(k) != v and k not in IGNORED}
-
-
-def wall_time_s(metrics_path: str, batch_size: int) -> float:
-  """Training seconds: Σ (images between logged rows) / (their images/s)."""
-  total, last = 0.0, 0
-  with open(metrics_path) as f:
-    for line in f:
-      r = json.loads(line)
-      if r.get("split") == "train" and r.get("images_per_s"):
-        total += (r["step"] - last) * batch_size / r["images_per_s"]
-        last = r["step"]
-  return total
 
 
 def last_eval(metrics_path: str) -> dict:
@@ -141,7 +129,8 @@ def main() -> int:
   manifest["models"][args.name] = {
       "config": args.config_file, "overrides": ov, "seed": trained.get("seed", 0), **scored,
       "kurtosis_mean": round(float(np.mean(list(kurt.values()))), 4),
-      "sha256": digest, "command": command, "wall_time_s": round(wall_time_s(metrics, config.batch_size)),
+      "sha256": digest, "command": command,
+      "wall_time_s": round(training_seconds(read_metrics(args.workdir, "train"), config.batch_size)),
       "steps": int(last_eval(metrics).get("step", 0)), "init_from": trained.get("init_from") or None,
       "quant": meta.get("quant"), "note": args.note,
   }

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 from kure_jax.errors import UserError  # noqa: E402
 from kure_jax.evaluation import report  # noqa: E402
 from kure_jax import weights  # noqa: E402
-from kure_jax.metrics import read_metrics  # noqa: E402
+from kure_jax.metrics import read_metrics, training_seconds  # noqa: E402
 
 FINETUNES = ("baseline_s0", "baseline_s1", "baseline_s2", "kure_s0", "kure_s1", "kure_s2", "kure_t2.4", "kure_t3",
              "kure_t4", "kure_t6", "grad_l1", "qat_dorefa", "qat_dorefa_kure", "qat_lsq", "qat_lsq_kure")
@@ -100,13 +100,13 @@ def _model(workdir: str) -> dict[str, Any] | None:
   evals = read_metrics(workdir, "eval")
   if not evals:
     return None
-  last, epochs = evals[-1], None
-  config = os.path.join(workdir, "config.json")
-  if os.path.exists(config):
-    with open(config) as f:
-      epochs = json.load(f).get("num_epochs")
+  last, config = evals[-1], {}
+  if os.path.exists(path := os.path.join(workdir, "config.json")):
+    with open(path) as f:
+      config = json.load(f)
+  seconds = training_seconds(read_metrics(workdir, "train"), config.get("batch_size", 0))
   return {"top1": last["top1"], "kurtosis_mean": last.get("kurtosis_mean"), "kurtosis": last.get("kurtosis", {}),
-          "epoch": last.get("epoch", len(evals)), "epochs": epochs,
+          "epoch": last.get("epoch", len(evals)), "epochs": config.get("num_epochs"), "wall_s": seconds or None,
           "done": os.path.exists(os.path.join(workdir, "done")),
           "trajectory": [[e.get("epoch", i + 1), e.get("kurtosis_mean"), e["top1"]] for i, e in enumerate(evals)]}
 
@@ -126,7 +126,7 @@ def _shipped(prefix: str, name: str) -> dict[str, Any] | None:
       return None
     info = {"top1": top1, "kurtosis_mean": entry.get("kurtosis_mean"), "kurtosis": {},
             "epoch": None, "epochs": (entry.get("overrides") or {}).get("num_epochs"), "trajectory": []}
-  return {**info, "done": True, "shipped": _shown(folder), "wall_s": entry.get("wall_time_s")}
+  return {**info, "done": True, "shipped": _shown(folder), "wall_s": entry.get("wall_time_s") or info.get("wall_s")}
 
 
 def _evaluation(out: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
@@ -792,15 +792,17 @@ def models_md(st: Study, data: dict[str, Any]) -> str:
       continue
     state = ("shipped" if info.get("shipped") else "done") if info["done"] else \
         f"running (epoch {info['epoch']:g} of {info['epochs'] or '?'})"
-    k, wall = info["kurtosis_mean"], st.wall.get(m, info.get("wall_s"))
+    k, wall = info["kurtosis_mean"], info.get("wall_s")
     body.append([m, state, f"{info['top1']:.2f}", "–" if k is None else f"{k:.3f}",
                  "–" if wall is None else f"{wall / 60:.1f}"])
   out = ["# Models of the CIFAR-10 study", "",
          "Each model's last evaluation (float top-1 % on the CIFAR-10 test set; QAT models at their trained W4A4) "
-         "and the mean kurtosis of its regularized kernels; wall time of its training. 'shipped': read from its "
-         "weights under weights/ (the manifest's numbers, re-evaluated at export), its run not being in this folder.",
+         "and the mean kurtosis of its regularized kernels; its training time, summed from the logged throughput "
+         "(as the manifest's wall_time_s: every segment of a resumed run counts, per-epoch evaluations and compilation "
+         "do not). 'shipped': read from its weights under weights/ (the manifest's numbers, re-evaluated at export), "
+         "its run not being in this folder.",
          "",
-         table(["model", "state", "top-1", "mean kurtosis", "wall (min)"], body), ""]
+         table(["model", "state", "top-1", "mean kurtosis", "training (min)"], body), ""]
   if data["arms"]:
     rows = [[NAMES[a], str(len(v["seeds"])), ms(st.floats(a)), ms(st.floats(a, "kurtosis_mean"), ".3f")]
             for a, v in data["arms"].items()]
@@ -809,8 +811,11 @@ def models_md(st: Study, data: dict[str, Any]) -> str:
   evals = [[k[5:], f"{v / 60:.1f}"] for k, v in st.wall.items() if k.startswith("eval ")]
   if evals:
     out += ["Evaluations:", "", table(["evaluation", "wall (min)"], evals), ""]
-  if st.wall:
-    out += [f"Total wall time: {sum(st.wall.values()) / 3600:.2f} h.", ""]
+  train = sum(info.get("wall_s") or 0.0 for info in st.models.values())
+  evals_s = sum(v for k, v in st.wall.items() if k.startswith("eval "))
+  if train or evals_s:
+    out += [f"Total: {(train + evals_s) / 3600:.2f} h ({train / 3600:.2f} h training, {evals_s / 3600:.2f} h "
+            "evaluations).", ""]
   return "\n".join(out)
 
 

@@ -21,18 +21,22 @@ SEEDS = ("s0", "s1", "s2")
 sr = load_script("study_report")
 
 
-def _workdir(out, name, top1s, kurts, done=True):
-  """OUT/NAME as train.py leaves it: metrics.jsonl (a train record, then one eval per epoch), config.json, done."""
+def _workdir(out, name, top1s, kurts, done=True, train_s=()):
+  """OUT/NAME as train.py leaves it: metrics.jsonl (train records, then one eval per epoch), config.json, done.
+  `train_s`: seconds of each 100-step train record (batch 128), as its images/s say; none: a record without."""
   path = os.path.join(out, name)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-    f.write(json.dumps({"step": 5, "split": "train", "loss": 1.0}) + "\n")
+    f.write(json.dumps({"step": 5, "split": "train", "loss": 1.0}) + "\n" if not train_s else "")
+    for i, seconds in enumerate(train_s):
+      f.write(json.dumps({"step": 100 * (i + 1), "split": "train", "loss": 1.0,
+                          "images_per_s": 100 * 128 / seconds}) + "\n")
     for i, (t, k) in enumerate(zip(top1s, kurts)):
       f.write(json.dumps({"step": 10 * (i + 1), "split": "eval", "top1": t, "top5": 99.0, "loss": 0.4,
                           "count": 10000.0, "kurtosis_mean": k, "epoch": float(i + 1),
                           "kurtosis": {"layer1_0/conv1": k - 0.01, "layer1_0/conv2": k + 0.01}}) + "\n")
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"num_epochs": 3}, f)
+    json.dump({"num_epochs": 3, "batch_size": 128}, f)
   if done:
     open(os.path.join(path, "done"), "w").close()
 
@@ -70,10 +74,11 @@ def kure_curve(r, seed):  # flat, its best step at 1.1
 @pytest.fixture()
 def study(tmp_path):
   out = str(tmp_path / "out")
-  _workdir(out, "base", [89.5, 90.0, 90.0], [4.4, 4.5, 4.5])
+  _workdir(out, "base", [89.5, 90.0, 90.0], [4.4, 4.5, 4.5], train_s=[3600])
   for i, s in enumerate(SEEDS):
     _workdir(out, f"baseline_{s}", [89.0, 89.1, 89.0 + 0.2 * i], [4.5, 4.5, 4.4 + 0.1 * i])
-    _workdir(out, f"kure_{s}", [88.0, 88.3, 88.5 + 0.1 * i], [2.5, 1.95, 1.80 + 0.02 * i])
+    _workdir(out, f"kure_{s}", [88.0, 88.3, 88.5 + 0.1 * i], [2.5, 1.95, 1.80 + 0.02 * i],
+             train_s=[1200, 1200] if s == "s0" else ())
   _workdir(out, "kure_t2.4", [88.9] * 3, [2.5, 2.42, 2.41])
   _workdir(out, "kure_t3", [88.95] * 3, [3.1, 3.0, 3.0])
   _workdir(out, "grad_l1", [89.1] * 3, [4.3, 4.2, 4.2])
@@ -245,8 +250,10 @@ def test_models_table_and_json(study, tmp_path):
     md = f.read()
   assert "| kure_t4 | running (epoch 1 of 3) | 88.00 | 4.500 | – |" in md
   assert "| base | done | 90.00 | 4.500 | 60.0 |" in md and "| kure_t6 | not run yet | – | – | – |" in md
+  # resumed: wall_times.tsv timed only its last segment (600 s); its logged throughput counts both (2 × 1200 s)
+  assert "| kure_s0 | done | 88.50 | 1.800 | 40.0 |" in md and "| kure_s1 | done | 88.60 | 1.820 | – |" in md
   assert "| KURE K_T 1.8 | 3 | 88.60 ± 0.10 | 1.820 ± 0.020 |" in md
-  assert "| ptq_w_ours | 2.0 |" in md and "Total wall time: 1.20 h." in md
+  assert "| ptq_w_ours | 2.0 |" in md and "Total: 1.70 h (1.67 h training, 0.03 h evaluations)." in md
 
 
 def test_models_not_in_out_are_read_from_their_shipped_weights(tmp_path):
