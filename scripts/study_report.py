@@ -97,14 +97,15 @@ def _shown(path: str) -> str:
 
 def _model(workdir: str) -> dict[str, Any] | None:
   """The last evaluation of a train.py workdir, its trajectory and state; None where it has none."""
-  evals = read_metrics(workdir, "eval")
+  records = read_metrics(workdir)
+  evals = [r for r in records if r["split"] == "eval"]
   if not evals:
     return None
   last, config = evals[-1], {}
   if os.path.exists(path := os.path.join(workdir, "config.json")):
     with open(path) as f:
       config = json.load(f)
-  seconds = training_seconds(read_metrics(workdir, "train"), config.get("batch_size", 0))
+  seconds = training_seconds(records, config.get("batch_size", 0))  # 0 (no batch size known): no training time
   return {"top1": last["top1"], "kurtosis_mean": last.get("kurtosis_mean"), "kurtosis": last.get("kurtosis", {}),
           "epoch": last.get("epoch", len(evals)), "epochs": config.get("num_epochs"), "wall_s": seconds or None,
           "done": os.path.exists(os.path.join(workdir, "done")),
@@ -126,7 +127,7 @@ def _shipped(prefix: str, name: str) -> dict[str, Any] | None:
       return None
     info = {"top1": top1, "kurtosis_mean": entry.get("kurtosis_mean"), "kurtosis": {},
             "epoch": None, "epochs": (entry.get("overrides") or {}).get("num_epochs"), "trajectory": []}
-  return {**info, "done": True, "shipped": _shown(folder), "wall_s": entry.get("wall_time_s") or info.get("wall_s")}
+  return {**info, "done": True, "shipped": _shown(folder), "wall_s": entry.get("wall_time_s")}
 
 
 def _evaluation(out: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
