@@ -5,6 +5,9 @@
 # holds `scored` (its models) once it finished; the report merges the parts. So the evaluations can run as the
 # models arrive. Wall times land in $OUT/wall_times.tsv. Each model is read from OUT when its training is done there,
 # else from its shipped weights (weights/study_NAME; SHIPPED sets the prefix); models that are neither are left out.
+# A model whose rows the committed report already holds (docs/results/cifar10_study/rows/NAME.csv; PUBLISHED sets the
+# folder, PUBLISHED= looks nowhere) is not scored again: scripts/study_report.py keeps those rows, so a lost OUT costs
+# no evaluation that was reported.
 #
 #   bash scripts/study_eval.sh [DATA_DIR] [OUT]          e.g. bash scripts/study_eval.sh ../shared/data/cifar10 runs/study
 #
@@ -19,6 +22,7 @@ data=${1:-../shared/data/cifar10}
 out=${2:-runs/study}
 read -r -a presets <<< "${PRESETS:-ours authors}"
 shipped=${SHIPPED-weights/study_}
+published=${PUBLISHED-docs/results/cifar10_study/rows}
 common=(--config configs/cifar10_resnet20.py --config.dataset.name=folder --config.dataset.data_dir="$data"
         --config.progress=False --config.eval.lapq_cache="$out/lapq_cache"  # one LAPQ search per model and setting
         --config.cpu_devices="${CPU_DEVICES:-1}")  # see CPU_DEVICES above (nothing changes on an accelerator)
@@ -37,6 +41,8 @@ evaluate() {  # evaluate NAME "MODEL..." OVERRIDES...: one eval.py call over the
     [[ -n $src ]] || continue
     grep -qsxF -- "$m" "$dir"/*/scored && continue  # grep the files itself: `cat | grep -q` under pipefail fails
                                                     # (and rescored the model) when grep quit first and cat got SIGPIPE
+    [[ -n $published ]] && awk -F, -v m="$m" '$1 == m {found = 1; exit} END {exit !found}' \
+        "$published/$name.csv" 2> /dev/null && continue  # reported already (its first column: the checkpoint)
     ckpts+=(--checkpoint "$src" --label "$m")
     labels+=("$m")
   done; shift

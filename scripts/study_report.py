@@ -13,7 +13,9 @@ DEST is replaced as a whole: written beside it, then swapped in. The authors' nu
 --paper (default ../shared/data/paper beside the repository); without them the report shows ours only and says so.
 Any part of the study will do: what has not run yet says so in one line. A model whose training is not in OUT is
 read from its shipped weights (--shipped, default weights/study_NAME: the manifest's top-1 and kurtosis, and the
-run's evaluations where the export kept them). Prints claims.md.
+run's evaluations where the export kept them). An evaluation's rows of a model OUT has not scored are kept from the
+report already in DEST (its rows/NAME.csv, committed; --fresh drops them): OUT may be lost, hours of scoring are not.
+Prints claims.md.
 """
 
 from __future__ import annotations
@@ -63,17 +65,30 @@ POLICIES = {"pow2_nearest": "2^N nearest", "pow2_floor": "2^N down", "pow2_ceil"
 class Study:
   """What OUT holds: the models' last evaluations, the evaluations' rows, the wall times, the paper's numbers."""
 
-  def __init__(self, out: str, paper_dir: str | None, shipped: str | None = None):
+  def __init__(self, out: str, paper_dir: str | None, shipped: str | None = None, previous: str | None = None):
     if not os.path.isdir(out):
       raise UserError(f"{out} is not a folder; give the OUT of scripts/study_train.sh (e.g. runs/study).")
     self.out = out
     self.models = {m: info for m in MODELS
                    if (info := _model(os.path.join(out, m)) or (_shipped(shipped, m) if shipped else None))}
-    self.evals = {e: ev for e in EVALS if (ev := _evaluation(out, e))}
+    self.wall = _wall_times(os.path.join(out, "wall_times.tsv"))
+    self.evals: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
+    self.kept: dict[str, list[str]] = {}  # {evaluation: the checkpoints whose rows the previous report gave}
+    earlier = _previous(previous)
+    for e in EVALS:
+      rows, meta = _evaluation(out, e) or ([], {})
+      old, wall = earlier.get(e, ([], None))
+      scored = {r["checkpoint"] for r in rows}
+      old = [r for r in old if r["checkpoint"] not in scored]
+      if old:
+        self.kept[e] = list(dict.fromkeys(r["checkpoint"] for r in old))
+        if wall:  # the time of the earlier parts, which OUT no longer counts
+          self.wall[f"eval {e}"] = self.wall.get(f"eval {e}", 0.0) + wall
+      if rows or old:
+        self.evals[e] = (old + rows, meta)
     if not self.models and not self.evals:
       raise UserError(f"{out} holds no study: no evaluated model ({', '.join(MODELS[:3])}, …) and no "
                       "eval_*/robustness.json; run scripts/study_train.sh into it first.")
-    self.wall = _wall_times(os.path.join(out, "wall_times.tsv"))
     self.paper_dir = _shown(paper_dir) if paper_dir else "(none given)"
     self.paper = load_paper(paper_dir) if paper_dir else None
 
@@ -148,6 +163,21 @@ def _evaluation(out: str, name: str) -> tuple[list[dict[str, Any]], dict[str, An
     part = data.get("meta", {})
     meta = {**part, **meta, "checkpoints": {**part.get("checkpoints", {}), **meta.get("checkpoints", {})}}
   return rows, meta
+
+
+def _previous(dest: str | None) -> dict[str, tuple[list[dict[str, Any]], float | None]]:
+  """{evaluation: (rows, wall time in s)} of an earlier report in `dest` (its rows/NAME.csv and models.json): the
+  committed copy of the evaluations, which outlives OUT (hours of scoring that a lost OUT need not repeat;
+  scripts/study_eval.sh skips the models they hold). {} without one."""
+  folder = os.path.join(dest, "rows") if dest else ""
+  if not os.path.isdir(folder):
+    return {}
+  wall: dict[str, float] = {}
+  if os.path.exists(path := os.path.join(dest, "models.json")):
+    with open(path) as f:
+      wall = json.load(f).get("wall_times_s", {})
+  return {e: (report.read_csv(path), wall.get(f"eval {e}")) for e in EVALS
+          if os.path.exists(path := os.path.join(folder, f"{e}.csv"))}
 
 
 def _wall_times(path: str) -> dict[str, float]:
@@ -809,9 +839,13 @@ def models_md(st: Study, data: dict[str, Any]) -> str:
             for a, v in data["arms"].items()]
     out += ["Seeds pooled (finished runs; mean ± sample std):", "",
             table(["arm", "seeds", "top-1", "mean kurtosis"], rows), ""]
-  evals = [[k[5:], f"{v / 60:.1f}"] for k, v in st.wall.items() if k.startswith("eval ")]
+  evals = [[k[5:], f"{v / 60:.1f}", ", ".join(st.kept.get(k[5:], [])) or "–"]
+           for k, v in st.wall.items() if k.startswith("eval ")]
+  evals += [[e, "–", ", ".join(c)] for e, c in st.kept.items() if f"eval {e}" not in st.wall]
   if evals:
-    out += ["Evaluations:", "", table(["evaluation", "wall (min)"], evals), ""]
+    out += ["Evaluations ('kept': models whose rows come from the previous report's rows/NAME.csv, their run's "
+            "evaluation folder being gone; the wall time counts them):", "",
+            table(["evaluation", "wall (min)", "kept"], evals), ""]
   train = sum(info.get("wall_s") or 0.0 for info in st.models.values())
   evals_s = sum(v for k, v in st.wall.items() if k.startswith("eval "))
   if train or evals_s:
@@ -1058,14 +1092,15 @@ def formats_md(st: Study) -> str:
           + report.formats_table(rows) + "\n\n![formats](formats.png)\n")
 
 
-def write_report(out: str, dest: str, paper_dir: str | None, shipped: str | None = None) -> str:
+def write_report(out: str, dest: str, paper_dir: str | None, shipped: str | None = None, fresh: bool = False) -> str:
   """Write the study's report into `dest` (replacing it whole); return claims.md. Models not in `out` are read from
-  `shipped`NAME where given."""
-  st = Study(out, paper_dir, shipped)
+  `shipped`NAME where given; evaluation rows of models `out` has not scored, from the report already in `dest`
+  (unless `fresh`)."""
   if os.path.exists(dest) and (not os.path.isdir(dest) or (os.listdir(dest) and
                                                            not os.path.exists(os.path.join(dest, "claims.md")))):
     raise UserError(f"{dest} exists and is not a report of this script (no claims.md); it would be replaced whole, "
                     "so choose another DEST.")
+  st = Study(out, paper_dir, shipped, None if fresh else dest)
   tmp = f"{os.path.normpath(dest)}.tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -1104,9 +1139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="the authors' CSVs (default: ../shared/data/paper beside the repository)")
   p.add_argument("--shipped", metavar="PREFIX", default=os.path.join(ROOT, "weights", "study_"),
                  help="models not in OUT are read from PREFIX<name> (default: weights/study_; '' for none)")
+  p.add_argument("--fresh", action="store_true",
+                 help="report OUT's evaluations only, dropping the rows DEST's report kept of models OUT has not scored")
   args = p.parse_args(argv)
   try:
-    text = write_report(args.out, args.dest, os.path.normpath(args.paper), args.shipped or None)
+    text = write_report(args.out, args.dest, os.path.normpath(args.paper), args.shipped or None, args.fresh)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

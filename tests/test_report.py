@@ -215,3 +215,20 @@ def test_mean_curve_plain_and_interpolated():
   assert xs == [0.6, 1.0]  # 0.5 and 1.2: outside one seed's curve
   np.testing.assert_allclose(mean, [13.0, 21.0])  # a(0.6) = 12, b(1.0) = 14 + 12 · 0.4 / 0.6 = 22
   np.testing.assert_allclose(std, [np.sqrt(2.0)] * 2)  # sample std of two values 2 apart
+
+
+def test_read_csv_returns_the_rows_write_csv_wrote(tmp_path):
+  """The round trip the study report relies on when only its committed rows are left: every column typed back,
+  floats as written (4 decimals), the extra keys robustness.json has (correct) dropped."""
+  rows = [{"checkpoint": "kure_s0", "format": "", "bits": 4, "ratio": 0.550000011920929, "policy": "exact",
+           "method": "mse", "target": "weights", "top1": 86.31999969482422, "top5": 99.5, "loss": 0.47123456,
+           "correct": 8632, "count": 10000},
+          {"checkpoint": "base", "format": "nvfp4", "bits": 0, "ratio": 1.0, "policy": "exact", "method": "max",
+           "target": "both", "top1": 80.0, "top5": 98.0, "loss": 1.0, "correct": 8000, "count": 10000}]
+  path = report.write_csv(rows, str(tmp_path / "rows.csv"))
+  back = report.read_csv(path)
+  assert back == [{"checkpoint": "kure_s0", "format": "", "bits": 4, "ratio": 0.55, "policy": "exact",
+                   "method": "mse", "target": "weights", "top1": 86.32, "top5": 99.5, "loss": 0.4712, "count": 10000},
+                  {**{k: v for k, v in rows[1].items() if k != "correct"}}]
+  assert [type(back[0][k]) for k in ("bits", "ratio", "top1", "count", "format")] == [int, float, float, int, str]
+  assert report.read_csv(report.write_csv([], str(tmp_path / "empty.csv"))) == []

@@ -414,3 +414,56 @@ def test_an_evaluation_in_parts_reads_as_one(study, tmp_path):
     assert sorted(f.read().splitlines()) == whole_rows
   with open(os.path.join(dest2, "models.md")) as f:
     assert "| ptq_w_ours | 3.0 |" in f.read()  # 120 s + 60 s
+
+
+def test_a_lost_out_keeps_the_previous_reports_evaluations(study, tmp_path):
+  """OUT is not committed, the report is: a report over an OUT that lost its evaluations (a new machine) keeps the
+  previous report's rows (and their wall time) for every model OUT has not scored, and OUT's newer rows replace a
+  model's old ones; --fresh drops the kept rows."""
+  out, dest = study
+  whole, _ = run(out, dest, str(tmp_path / "no_paper"))
+  with open(os.path.join(dest, "rows", "ptq_w_ours.csv")) as f:
+    whole_rows = sorted(f.read().splitlines())
+  lost = str(tmp_path / "lost")  # the models' runs survive (as shipped weights would); the evaluations are gone
+  os.makedirs(lost)
+  for name in os.listdir(out):
+    if not name.startswith("eval_") and name != "wall_times.tsv":
+      os.rename(os.path.join(out, name), os.path.join(lost, name))
+  assert run(lost, dest, str(tmp_path / "no_paper"))[0] == whole.replace(out, lost)  # the claims, whole
+  with open(os.path.join(dest, "rows", "ptq_w_ours.csv")) as f:
+    assert sorted(f.read().splitlines()) == whole_rows
+  with open(os.path.join(dest, "models.md")) as f:
+    md = f.read()
+  assert "| ptq_w_ours | 2.0 | baseline_s0, baseline_s1, baseline_s2, kure_s0, kure_s1, kure_s2, base, grad_l1 |" in md
+  assert "| formats | – | baseline_s0, kure_s0 |" in md  # no wall time on record
+  # kure_s0 scored again in the new OUT (another number): its new rows replace the old, the others stay
+  _eval(lost, "formats", [("kure_s0", "int4", 0, 1.0, "exact", "max", "weights", 50.0)])
+  run(lost, dest, str(tmp_path / "no_paper"))
+  got = {(r["checkpoint"], r["format"]): r["top1"] for r in report.read_csv(os.path.join(dest, "rows", "formats.csv"))}
+  assert got == {("baseline_s0", "int4"): 80.0, ("baseline_s0", "fp4_e2m1"): 82.0, ("kure_s0", "int4"): 50.0}
+  assert sr.main([lost, dest, "--paper", str(tmp_path / "no_paper"), "--shipped", "", "--fresh"]) == 0
+  assert sorted(os.listdir(os.path.join(dest, "rows"))) == ["formats.csv"]  # OUT's one evaluation only
+  assert [r["checkpoint"] for r in report.read_csv(os.path.join(dest, "rows", "formats.csv"))] == ["kure_s0"]
+
+
+def test_study_eval_skips_the_models_the_report_holds(tmp_path):
+  """scripts/study_eval.sh (DRY=1 prints its eval.py calls) does not score again a model whose rows the committed
+  report holds (PUBLISHED/NAME.csv), so a lost OUT costs only the evaluations never reported; PUBLISHED= scores all."""
+  import subprocess
+  rows = tmp_path / "rows"
+  rows.mkdir()
+  report.write_csv([{"checkpoint": c, "format": "int4", "bits": 0, "ratio": 1.0, "policy": "exact", "method": "max",
+                     "target": "weights", "top1": 80.0, "top5": 99.0, "loss": 1.0, "count": 10000}
+                    for c in ("base", "kure_s0")], str(rows / "formats.csv"))
+
+  def labels(published):
+    env = {**os.environ, "DRY": "1", "ONLY": "formats", "PUBLISHED": published}
+    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "study_eval.sh"), "data", str(tmp_path / "out")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    words = done.stdout.split()
+    return [words[i + 1] for i, w in enumerate(words) if w == "--label"]
+
+  every = ["base", "baseline_s0", "kure_s0", "kure_t2.4", "kure_t3", "kure_t4", "kure_t6"]
+  assert labels(str(rows)) == [m for m in every if m not in ("base", "kure_s0")]
+  assert labels("") == every
+  assert labels(str(tmp_path / "nothing_here")) == every

@@ -201,6 +201,18 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str, metric=None) -> str:
   return path
 
 
+def read_csv(path: str) -> list[dict[str, Any]]:
+  """The rows of a `write_csv` file, typed back: the point's names as strings, bits and counts as ints, the rest as
+  floats (rounded to 4 decimals, as written)."""
+  def typed(key: str, text: str) -> Any:
+    if key in _POINT and key not in ("bits", "ratio"):
+      return text
+    return int(text) if key in ("bits", "count") else float(text)
+
+  with open(path, newline="") as f:
+    return [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def summary_table(rows: Sequence[dict[str, Any]], metric=None) -> str:
   """The headline metric (top-1, HR@10) at the base step (ratio 1, exact), its worst case over the ratios, and
   with a pow2 step; a second table for the number-format points."""
