@@ -73,7 +73,8 @@ class Study:
                    if (info := _model(os.path.join(out, m)) or (_shipped(shipped, m) if shipped else None))}
     self.wall = _wall_times(os.path.join(out, "wall_times.tsv"))
     self.evals: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
-    self.kept: dict[str, list[str]] = {}  # {evaluation: the checkpoints whose rows the previous report gave}
+    # {evaluation: {"checkpoints": those whose rows the previous report gave, "wall_s": the time they took}}
+    self.kept: dict[str, dict[str, Any]] = {}
     earlier = _previous(previous)
     for e in EVALS:
       rows, meta = _evaluation(out, e) or ([], {})
@@ -81,9 +82,13 @@ class Study:
       scored = {r["checkpoint"] for r in rows}
       old = [r for r in old if r["checkpoint"] not in scored]
       if old:
-        self.kept[e] = list(dict.fromkeys(r["checkpoint"] for r in old))
-        if wall:  # the time of the earlier parts, which OUT no longer counts
-          self.wall[f"eval {e}"] = self.wall.get(f"eval {e}", 0.0) + wall
+        cks = list(dict.fromkeys(r["checkpoint"] for r in old))
+        # the same rows kept as last time: last time's kept time (its total counted OUT's parts, still in OUT);
+        # more rows kept (OUT lost since): last time's whole time
+        seconds = wall["kept"] if wall and set(cks) == set(wall["kept_checkpoints"]) else (wall or {}).get("total")
+        self.kept[e] = {"checkpoints": cks, "wall_s": seconds}
+        if seconds:
+          self.wall[f"eval {e}"] = self.wall.get(f"eval {e}", 0.0) + seconds
       if rows or old:
         self.evals[e] = (old + rows, meta)
     if not self.models and not self.evals:
@@ -165,19 +170,25 @@ def _evaluation(out: str, name: str) -> tuple[list[dict[str, Any]], dict[str, An
   return rows, meta
 
 
-def _previous(dest: str | None) -> dict[str, tuple[list[dict[str, Any]], float | None]]:
-  """{evaluation: (rows, wall time in s)} of an earlier report in `dest` (its rows/NAME.csv and models.json): the
+def _previous(dest: str | None) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any] | None]]:
+  """{evaluation: (rows, its wall times)} of an earlier report in `dest` (its rows/NAME.csv and models.json): the
   committed copy of the evaluations, which outlives OUT (hours of scoring that a lost OUT need not repeat;
-  scripts/study_eval.sh skips the models they hold). {} without one."""
+  scripts/study_eval.sh skips the models they hold). The wall times: "total" (s), and "kept" (s) and
+  "kept_checkpoints", the part of it that report itself had kept; None where unknown. {} without a report."""
   folder = os.path.join(dest, "rows") if dest else ""
   if not os.path.isdir(folder):
     return {}
-  wall: dict[str, float] = {}
+  data: dict[str, Any] = {}
   if os.path.exists(path := os.path.join(dest, "models.json")):
     with open(path) as f:
-      wall = json.load(f).get("wall_times_s", {})
-  return {e: (report.read_csv(path), wall.get(f"eval {e}")) for e in EVALS
-          if os.path.exists(path := os.path.join(folder, f"{e}.csv"))}
+      data = json.load(f)
+  out = {}
+  for e in EVALS:
+    if os.path.exists(path := os.path.join(folder, f"{e}.csv")):
+      total, kept = data.get("wall_times_s", {}).get(f"eval {e}"), data.get("kept", {}).get(e, {})
+      wall = {"total": total, "kept": kept.get("wall_s"), "kept_checkpoints": kept.get("checkpoints", [])}
+      out[e] = (report.read_csv(path), wall if total is not None else None)
+  return out
 
 
 def _wall_times(path: str) -> dict[str, float]:
@@ -811,7 +822,7 @@ def models_json(st: Study) -> dict[str, Any]:
       for key in ("top1", "kurtosis_mean"):
         m, s, n = report.mean_std(st.floats(arm, key))
         pooled[arm][key] = {"mean": m, "std": s, "n": n}
-  return {"models": st.models, "arms": pooled, "wall_times_s": st.wall}
+  return {"models": st.models, "arms": pooled, "wall_times_s": st.wall, "kept": st.kept}
 
 
 def models_md(st: Study, data: dict[str, Any]) -> str:
@@ -839,9 +850,9 @@ def models_md(st: Study, data: dict[str, Any]) -> str:
             for a, v in data["arms"].items()]
     out += ["Seeds pooled (finished runs; mean ± sample std):", "",
             table(["arm", "seeds", "top-1", "mean kurtosis"], rows), ""]
-  evals = [[k[5:], f"{v / 60:.1f}", ", ".join(st.kept.get(k[5:], [])) or "–"]
-           for k, v in st.wall.items() if k.startswith("eval ")]
-  evals += [[e, "–", ", ".join(c)] for e, c in st.kept.items() if f"eval {e}" not in st.wall]
+  kept = {e: ", ".join(k["checkpoints"]) for e, k in st.kept.items()}
+  evals = [[k[5:], f"{v / 60:.1f}", kept.get(k[5:], "–")] for k, v in st.wall.items() if k.startswith("eval ")]
+  evals += [[e, "–", c] for e, c in kept.items() if f"eval {e}" not in st.wall]
   if evals:
     out += ["Evaluations ('kept': models whose rows come from the previous report's rows/NAME.csv, their run's "
             "evaluation folder being gone; the wall time counts them):", "",

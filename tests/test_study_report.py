@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -436,6 +437,21 @@ def test_a_lost_out_keeps_the_previous_reports_evaluations(study, tmp_path):
     md = f.read()
   assert "| ptq_w_ours | 2.0 | baseline_s0, baseline_s1, baseline_s2, kure_s0, kure_s1, kure_s2, base, grad_l1 |" in md
   assert "| formats | – | baseline_s0, kure_s0 |" in md  # no wall time on record
+  # a model scored in the new OUT (60 s), then the report written again and again: the kept rows' time counts once
+  _eval(lost, "ptq_w_ours", [_pt("kure_t4", 4, 80.0)])
+  with open(os.path.join(lost, "wall_times.tsv"), "w") as f:
+    f.write("eval ptq_w_ours\t60\n")
+  for _ in range(3):
+    run(lost, dest, str(tmp_path / "no_paper"))
+    with open(os.path.join(dest, "models.md")) as f:
+      assert "| ptq_w_ours | 3.0 | baseline_s0," in f.read()  # 120 s kept + 60 s
+  # and OUT lost once more: everything the last report counted is kept now (kure_t4 too), still once
+  shutil.rmtree(os.path.join(lost, "eval_ptq_w_ours"))
+  os.remove(os.path.join(lost, "wall_times.tsv"))
+  run(lost, dest, str(tmp_path / "no_paper"))
+  with open(os.path.join(dest, "models.md")) as f:
+    assert "| ptq_w_ours | 3.0 | baseline_s0, baseline_s1, baseline_s2, kure_s0, kure_s1, kure_s2, base, grad_l1, " \
+           "kure_t4 |" in f.read()
   # kure_s0 scored again in the new OUT (another number): its new rows replace the old, the others stay
   _eval(lost, "formats", [("kure_s0", "int4", 0, 1.0, "exact", "max", "weights", 50.0)])
   run(lost, dest, str(tmp_path / "no_paper"))
