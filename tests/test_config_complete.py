@@ -329,7 +329,8 @@ def test_the_study_evaluations_parse_and_validate(monkeypatch):
 
   monkeypatch.chdir(REPO)
   r = subprocess.run(["bash", "scripts/study_eval.sh", "data", "runs/x"], capture_output=True, text=True,
-                     env={"DRY": "1", "PATH": "/usr/bin:/bin"}, check=True)
+                     env={"DRY": "1", "PATH": "/usr/bin:/bin", "PUBLISHED": ""},
+                     check=True)  # PUBLISHED="": list every evaluation, reported or not
   commands = [shlex.split(line) for line in r.stdout.splitlines()]
   assert len(commands) == 16  # 5 evaluations × 2 presets, 1 of number formats, 5 of QAT checkpoints
   presets = set()
