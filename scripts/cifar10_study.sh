@@ -17,6 +17,9 @@ dest=${3:-docs/results/cifar10_study}
 stage=${STAGE:-all}
 here=$(dirname "$0")
 if [[ $stage == all || $stage == train ]]; then bash "$here/study_train.sh" "$data" "$out"; fi
-# the evaluations skip the models whose rows DEST's report holds (study_eval.sh's PUBLISHED)
-if [[ $stage == all || $stage == eval ]]; then PUBLISHED=${PUBLISHED-$dest/rows} bash "$here/study_eval.sh" "$data" "$out"; fi
+# the evaluations skip the models whose rows DEST's report holds (study_eval.sh's PUBLISHED) and keep LAPQ's
+# searches beside it, in DEST_lapq (LAPQ_CACHE; not inside DEST, which each report replaces whole)
+if [[ $stage == all || $stage == eval ]]; then
+  PUBLISHED=${PUBLISHED-$dest/rows} LAPQ_CACHE=${LAPQ_CACHE-${dest%/}_lapq} bash "$here/study_eval.sh" "$data" "$out"
+fi
 if [[ $stage == all || $stage == report ]]; then python "$here/study_report.py" "$out" "$dest"; fi

@@ -7,7 +7,9 @@
 # else from its shipped weights (weights/study_NAME; SHIPPED sets the prefix); models that are neither are left out.
 # A model whose rows the committed report already holds (docs/results/cifar10_study/rows/NAME.csv; PUBLISHED sets the
 # folder, PUBLISHED= looks nowhere) is not scored again: scripts/study_report.py keeps those rows, so a lost OUT costs
-# no evaluation that was reported.
+# no evaluation that was reported. LAPQ's searches (minutes each) are kept per model, settings and bit-width as each
+# ends, in docs/results/cifar10_study_lapq (LAPQ_CACHE sets the folder), committed with the report: a killed or
+# lost evaluation searches again only what had not finished.
 #
 #   bash scripts/study_eval.sh [DATA_DIR] [OUT]          e.g. bash scripts/study_eval.sh ../shared/data/cifar10 runs/study
 #
@@ -23,8 +25,9 @@ out=${2:-runs/study}
 read -r -a presets <<< "${PRESETS:-ours authors}"
 shipped=${SHIPPED-weights/study_}
 published=${PUBLISHED-docs/results/cifar10_study/rows}
+lapq_cache=${LAPQ_CACHE-docs/results/cifar10_study_lapq}
 common=(--config configs/cifar10_resnet20.py --config.dataset.name=folder --config.dataset.data_dir="$data"
-        --config.progress=False --config.eval.lapq_cache="$out/lapq_cache"  # one LAPQ search per model and setting
+        --config.progress=False --config.eval.lapq_cache="$lapq_cache"  # one LAPQ search per model and setting
         --config.cpu_devices="${CPU_DEVICES:-1}")  # see CPU_DEVICES above (nothing changes on an accelerator)
 
 wanted() { [[ -z ${ONLY:-} || " $ONLY " == *" $1 "* ]]; }

@@ -336,6 +336,8 @@ def test_the_study_evaluations_parse_and_validate(monkeypatch):
   presets = set()
   for argv in commands:
     assert argv[:2] == ["python", "eval.py"] and argv[argv.index("--out") + 1].startswith("runs/x/eval_")
+    # LAPQ's searches are kept beside the committed report, not in OUT (which a new machine may lack)
+    assert "--config.eval.lapq_cache=docs/results/cifar10_study_lapq" in argv
     overrides = [a for a in argv if a.startswith("--config.")]
     config = parse(argv[argv.index("--config") + 1], overrides)
     validate_config(config)

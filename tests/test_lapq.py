@@ -327,3 +327,43 @@ def test_lapq_cache_reuses_searches(tmp_path, monkeypatch):
   run_eval(eval_config(folder, **{**kw, "eval.lapq_iterations": 2}), [workdir], ["r"], str(tmp_path / "d"),
            progress=False)
   assert sorted(searched) == [2, 2, 3, 4, 4] and len(os.listdir(cache)) == 2  # another setting: another key
+
+
+def test_lapq_cache_keeps_each_search_as_it_finishes(tmp_path):
+  """cached_grid_steps writes every bit-width's result when its search ends: an evaluation killed during the second
+  search leaves the first in the cache, and the next call searches only the rest and returns the stored steps."""
+  def result(b):
+    return lapq_lib.LapqResult(bits=b, steps={"conv/kernel": {"w": np.float32(0.01 * b), "a": None},
+                                              "dense/kernel": {"w": np.arange(3, dtype=np.float32) / b, "a": 0.5}},
+                               p_star=2.0 + b / 10, p_losses={2.0: 1.0, 2.5: 0.9}, init_loss=1.0, loss=0.5,
+                               evaluations=7 * b, seconds=1.5)
+
+  asked = []
+
+  def killed_after_first(grid):
+    asked.append(grid.bits)
+    yield grid.bits[0], result(grid.bits[0])
+    raise KeyboardInterrupt  # the second search never ends
+
+  grid = Grid(bits=(2, 4), methods=("lapq",))
+  cache = str(tmp_path / "cache")
+  with pytest.raises(KeyboardInterrupt):
+    lapq_lib.cached_grid_steps(cache, "k", grid, killed_after_first)
+  with open(os.path.join(cache, "k.json")) as f:
+    assert sorted(json.load(f)) == ["2"]  # the finished search, kept
+  assert os.listdir(cache) == ["k.json"]  # no temporary file left behind
+
+  def finishes(grid):
+    asked.append(grid.bits)
+    return ((b, result(b)) for b in grid.bits)
+
+  out = lapq_lib.cached_grid_steps(cache, "k", grid, finishes)
+  assert asked == [(2, 4), (4,)]  # the second call searched only W4
+  assert sorted(out) == [2, 4]
+  for b in (2, 4):
+    want = result(b)
+    assert out[b].evaluations == want.evaluations and out[b].p_star == pytest.approx(want.p_star)
+    np.testing.assert_array_equal(out[b].steps["dense/kernel"]["w"], want.steps["dense/kernel"]["w"])
+    assert float(out[b].steps["conv/kernel"]["w"]) == pytest.approx(0.01 * b)
+  assert lapq_lib.cached_grid_steps(None, "k", grid, finishes).keys() == {2, 4}  # no cache: every bit-width
+  assert asked[-1] == (2, 4)

@@ -194,7 +194,7 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
                   "bias_correction": grid.bias_correction, "targets": sorted(grid.targets)}
       lapq_results = lapq.cached_grid_steps(
           config.eval.get("lapq_cache"), lapq.cache_key(variables, settings), grid,
-          lambda g: lapq.grid_steps(model, variables, g, paths,
+          lambda g: lapq.iter_grid_steps(model, variables, g, paths,
                                     calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
                                     options={**options, "progress": progress and jax.process_index() == 0},
                                     dorefa=dorefa))

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -272,17 +272,10 @@ def lapq(model, variables: dict, calibration: Mapping | Iterable[Mapping], paths
 GRID_OPTIONS = ("ps", "iterations", "max_evals", "progress", "chunk_size")
 
 
-def grid_steps(model, variables: dict, grid, paths: Sequence[str], calibration: Mapping | Iterable[Mapping], *,
-               options: Mapping[str, Any] | None = None, dorefa: bool = False) -> dict[int, LapqResult]:
-  """LAPQ at every bit-width of a robustness grid (`kure_jax.evaluation.robustness.Grid`), run before the sweep:
-  ``Sweep(..., lapq_steps={b: r.steps for b, r in results.items()})`` then sweeps them over ratios and policies.
-
-  One run per bit-width serves every target of the grid: it searches the weight steps if any target quantizes
-  weights and the activation steps if any quantizes activations (the widest target). The grid's granularity,
-  weight grid (DoReFa's sliding grid picks on its midrise levels) and bias correction hold while searching; each
-  activation's grid follows its recorded input (`calibration.act_grid`), as in the sweep. `options`: `Lapq.run`'s
-  ps, iterations, max_evals, progress, and chunk_size (images per forward pass).
-  """
+def iter_grid_steps(model, variables: dict, grid, paths: Sequence[str], calibration: Mapping | Iterable[Mapping],
+                    *, options: Mapping[str, Any] | None = None, dorefa: bool = False
+                    ) -> Iterator[tuple[int, LapqResult]]:
+  """`grid_steps` one bit-width at a time: yields (bits, result) as each search finishes."""
   options = dict(options or {})
   unknown = set(options) - set(GRID_OPTIONS)
   if unknown:
@@ -295,7 +288,22 @@ def grid_steps(model, variables: dict, grid, paths: Sequence[str], calibration: 
                 weight_grid=Q.picking_grid(grid.weight_grid), dorefa=dorefa,
                 bias_correction=grid.bias_correction, chunk_size=chunk_size)
   target = "W{b}/A{b}" if quantize_w and quantize_a else ("A{b}" if quantize_a else "W{b}")
-  return {int(b): runner.run(int(b), desc="LAPQ " + target.format(b=b), **options) for b in grid.bits}
+  for b in grid.bits:  # lazily: a caller may keep each search as it finishes (cached_grid_steps)
+    yield int(b), runner.run(int(b), desc="LAPQ " + target.format(b=b), **options)
+
+
+def grid_steps(model, variables: dict, grid, paths: Sequence[str], calibration: Mapping | Iterable[Mapping], *,
+               options: Mapping[str, Any] | None = None, dorefa: bool = False) -> dict[int, LapqResult]:
+  """LAPQ at every bit-width of a robustness grid (`kure_jax.evaluation.robustness.Grid`), run before the sweep:
+  ``Sweep(..., lapq_steps={b: r.steps for b, r in results.items()})`` then sweeps them over ratios and policies.
+
+  One run per bit-width serves every target of the grid: it searches the weight steps if any target quantizes
+  weights and the activation steps if any quantizes activations (the widest target). The grid's granularity,
+  weight grid (DoReFa's sliding grid picks on its midrise levels) and bias correction hold while searching; each
+  activation's grid follows its recorded input (`calibration.act_grid`), as in the sweep. `options`: `Lapq.run`'s
+  ps, iterations, max_evals, progress, and chunk_size (images per forward pass).
+  """
+  return dict(iter_grid_steps(model, variables, grid, paths, calibration, options=options, dorefa=dorefa))
 
 
 # -- a cache of LAPQ's results: one search serves every evaluation of the same weights and settings ----------
@@ -329,13 +337,14 @@ def cache_key(variables: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
   return h.hexdigest()
 
 
-def cached_grid_steps(cache_dir: str | None, key: str, grid, run: Callable[[Any], dict[int, LapqResult]],
-                      ) -> dict[int, LapqResult]:
-  """`run(grid)` (e.g. `grid_steps` with its other arguments bound) for the bit-widths of `grid` that
-  ``cache_dir/<key>.json`` does not hold yet, the others read from it; the new results are added to the file
-  (written atomically). No cache_dir: `run(grid)`."""
+def cached_grid_steps(cache_dir: str | None, key: str, grid,
+                      run: Callable[[Any], Iterable[tuple[int, LapqResult]]]) -> dict[int, LapqResult]:
+  """`run(grid)` (e.g. `iter_grid_steps` with its other arguments bound: (bits, result) pairs) for the bit-widths
+  of `grid` that ``cache_dir/<key>.json`` does not hold yet, the others read from it. Each new result is added to
+  the file (written atomically) as soon as its search finishes, so a killed evaluation keeps the searches it
+  finished. No cache_dir: `run(grid)`."""
   if not cache_dir:
-    return run(grid)
+    return dict(run(grid))
   path = os.path.join(cache_dir, f"{key}.json")
   stored: dict[str, Any] = {}
   if os.path.exists(path):
@@ -344,12 +353,12 @@ def cached_grid_steps(cache_dir: str | None, key: str, grid, run: Callable[[Any]
   out = {int(b): _result_of(stored[str(b)]) for b in grid.bits if str(b) in stored}
   missing = tuple(b for b in grid.bits if int(b) not in out)
   if missing:
-    fresh = run(dataclasses.replace(grid, bits=missing))
-    out.update(fresh)
-    stored.update({str(b): _result_json(r) for b, r in fresh.items()})
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(stored, f)
-    os.replace(tmp, path)
+    for b, r in run(dataclasses.replace(grid, bits=missing)):
+      out[int(b)] = r
+      stored[str(int(b))] = _result_json(r)
+      tmp = f"{path}.tmp{os.getpid()}"
+      with open(tmp, "w") as f:
+        json.dump(stored, f)
+      os.replace(tmp, path)
   return {int(b): out[int(b)] for b in grid.bits}
