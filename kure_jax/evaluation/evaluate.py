@@ -195,9 +195,9 @@ def run_eval(config: ml_collections.ConfigDict, checkpoints: Sequence[str], labe
       lapq_results = lapq.cached_grid_steps(
           config.eval.get("lapq_cache"), lapq.cache_key(variables, settings), grid,
           lambda g: lapq.iter_grid_steps(model, variables, g, paths,
-                                    calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
-                                    options={**options, "progress": progress and jax.process_index() == 0},
-                                    dorefa=dorefa))
+                                         calibration_sample(calib_ds, int(config.eval.lapq_images), config.seed),
+                                         options={**options, "progress": progress and jax.process_index() == 0},
+                                         dorefa=dorefa))
     sweep = Sweep(model, variables, grid, calibration=calibration, chunk=config.eval.chunk, qat=qat_meta,
                   task=task, lapq_steps={b: r.steps for b, r in lapq_results.items()} or None, **layers)
     batches = (sharding.shard_batch(b, mesh) for b in eval_ds.iterate())
